@@ -1,0 +1,66 @@
+# gradwatch: the verbs. `make train` and `make test` set everything up on first use.
+#
+# Hydra overrides pass straight through: `make train optimizer=adam trainer.max_epochs=2000`.
+# GNU make collects command-line assignments in MAKEOVERRIDES; we hand them to Hydra, minus this
+# Makefile's own variables. `make train ARGS="optimizer=adam"` works too.
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+HOST   ?= 127.0.0.1
+PORT   ?= 6006
+OWN_VARS := ARGS=% VENV=% HOST=% PORT=%
+HYDRA_OVERRIDES = $(filter-out $(OWN_VARS),$(MAKEOVERRIDES)) $(ARGS)
+# `set -f`: no shell globbing of overrides like model.layer_sizes=[2,8,1].
+RUN_HYDRA = set -f; $(PY) -m
+
+.DEFAULT_GOAL := help
+.PHONY: help install train sweep test test-all bench report tensorboard lint format clean
+
+help: ## show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  Hydra overrides pass through: make train optimizer=adam trainer.max_epochs=2000"
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: the CPU build on local disk, never a CUDA download.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install gradwatch (editable) with its dev tools
+
+train: $(STAMP) ## train (default: the tutorial's XOR run); Hydra overrides pass through
+	$(RUN_HYDRA) gradwatch.train $(HYDRA_OVERRIDES)
+
+sweep: $(STAMP) ## Hydra multirun: which optimizer solves XOR? (ARGS="..." for any other sweep)
+	$(RUN_HYDRA) gradwatch.train --multirun $(if $(strip $(HYDRA_OVERRIDES)),$(HYDRA_OVERRIDES),experiment=xor_sweep)
+
+test: $(STAMP) ## run the fast tests (slow ones excluded)
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: $(STAMP) ## run every test, slow ones included
+	$(PY) -m pytest -q
+
+bench: $(STAMP) ## benchmark gradwatch against plain PyTorch and other tools
+	$(PY) scripts/bench.py $(ARGS)
+
+report: $(STAMP) ## tables and plots from run directories: make report ARGS="outputs/..."
+	$(PY) -m gradwatch.report $(ARGS)
+
+tensorboard: $(STAMP) ## serve every run under outputs/ on 127.0.0.1:6006 (HOST=, PORT= to change)
+	$(VENV)/bin/tensorboard --logdir outputs --host $(HOST) --port $(PORT)
+
+lint: $(STAMP) ## ruff check and format check
+	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff format --check src tests scripts
+
+format: $(STAMP) ## apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix src tests scripts
+	$(VENV)/bin/ruff format src tests scripts
+
+clean: ## remove caches and build leftovers (keeps outputs/ and .venv)
+	rm -rf .pytest_cache .ruff_cache build src/*.egg-info
+	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +

@@ -1,0 +1,1 @@
+"""gradwatch: watch per-layer gradients of a Lightning + Hydra training run in TensorBoard."""

@@ -1,0 +1,113 @@
+"""What a person sees in the terminal while training: the tutorial's loss line and one bar."""
+
+import logging
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from tqdm.auto import tqdm
+from typing_extensions import override
+
+log = logging.getLogger("gradwatch")
+
+
+class ConsoleProgress(Callback):
+    """Prints `Epoch 500, Loss: 0.2500294446945...` every `print_every` epochs, as the tutorial
+    does, under a single progress bar over the whole run's steps (Lightning's own bar restarts
+    every epoch: 5000 bars for the tutorial's one-step epochs). At the end it prints the first
+    layer's weight gradient, the tensor the tutorial reads to see why training stalls.
+
+    Args:
+        print_every: epochs between loss lines; 0 turns them off. The loss printed is the mean of
+            the epoch's batch losses (for the tutorial's full batch, the loss of that one step).
+        progress_bar: draw the bar (on stderr).
+
+    Raises:
+        ValueError: if `print_every` is negative.
+    """
+
+    def __init__(self, print_every: int = 500, progress_bar: bool = True) -> None:
+        if print_every < 0:
+            raise ValueError(f"print_every must be >= 0 (0 = never), got {print_every}")
+        self.print_every = print_every
+        self.progress_bar = progress_bar
+        self._bar: tqdm | None = None
+        self._loss_sum: torch.Tensor | None = None
+        self._batches = 0
+
+    def _prints_this_epoch(self, trainer: "pl.Trainer") -> bool:
+        return self.print_every > 0 and (trainer.current_epoch + 1) % self.print_every == 0
+
+    @override
+    @rank_zero_only
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.progress_bar:
+            total = trainer.estimated_stepping_batches * trainer.accumulate_grad_batches
+            self._bar = tqdm(
+                total=int(total) if total != float("inf") else None,
+                initial=trainer.global_step * trainer.accumulate_grad_batches,
+                unit="batch",
+                dynamic_ncols=True,
+                mininterval=0.5,
+                leave=False,
+                # No bar when the output is not a terminal (CI logs, pipes): lines stay clean.
+                disable=None,
+            )
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: "pl.Trainer",
+        pl_module: "pl.LightningModule",
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+        # Sum losses on the device only in epochs that print: no host sync on the others.
+        if self._prints_this_epoch(trainer) and trainer.is_global_zero:
+            loss = outputs["loss"].detach()
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            self._batches += 1
+
+    @override
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._loss_sum is None:
+            return
+        # Full precision, as the tutorial prints loss.item(): never round what is reported.
+        self.write(f"Epoch {trainer.current_epoch + 1}, Loss: {self._loss_sum.item() / self._batches}")
+        self._loss_sum, self._batches = None, 0
+
+    @override
+    @rank_zero_only
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._close_bar()
+        name, weight = next(
+            ((n, p) for n, p in pl_module.named_parameters() if n.endswith("weight")), (None, None)
+        )
+        if weight is not None and weight.grad is not None:
+            self.write(f"Gradients of the first layer weights ({name.removeprefix('net.')}):")
+            self.write(str(weight.grad.detach().cpu()))
+
+    @override
+    def on_exception(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException
+    ) -> None:
+        self._close_bar()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def write(self, line: str) -> None:
+        """Log a line to the console and the run's log file without tearing the bar."""
+        if self._bar is not None:
+            self._bar.clear()
+        log.info(line)
+        if self._bar is not None:
+            self._bar.refresh()

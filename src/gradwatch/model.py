@@ -1,0 +1,125 @@
+"""The network (a plain nn.Module MLP) and the LightningModule that trains it with its loss."""
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch import Tensor, nn
+
+ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu}
+LOSSES = ("mse", "bce_with_logits", "cross_entropy")
+
+
+class MLP(nn.Module):
+    """Linear layers `fc1`, `fc2`, ... between `layer_sizes`, the activation after each but the
+    last, so gradients read like the tutorial's `fc1.weight.grad`."""
+
+    def __init__(self, layer_sizes: list[int], activation: str = "sigmoid") -> None:
+        super().__init__()
+        if len(layer_sizes) < 2 or any(int(n) < 1 for n in layer_sizes):
+            raise ValueError(
+                f"model.layer_sizes must list at least two positive sizes, got {list(layer_sizes)}"
+            )
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"model.activation must be one of {list(ACTIVATIONS)}, got {activation!r}"
+            )
+        self.activation = ACTIVATIONS[activation]
+        self.num_layers = len(layer_sizes) - 1
+        for i, (n_in, n_out) in enumerate(zip(layer_sizes, layer_sizes[1:], strict=False), 1):
+            self.add_module(f"fc{i}", nn.Linear(n_in, n_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        layers = list(self.children())
+        for layer in layers[:-1]:
+            x = self.activation(layer(x))
+        return layers[-1](x)
+
+
+class MLPModule(pl.LightningModule):
+    """The MLP, its loss and its optimizer: logs `train/loss` (and `train/acc` for
+    classification), `val/loss` and `val/acc` where the data has a held-out split.
+
+    Args:
+        layer_sizes: input, hidden..., output sizes; `[2, 2, 1]` is the tutorial's network.
+        activation: hidden activation, one of `ACTIVATIONS`.
+        loss: one of `LOSSES`. With mse or bce_with_logits on class targets the network has one
+            output and targets become 0./1.; cross_entropy takes one output per class.
+        optimizer: a Hydra config of a partial optimizer (`_target_`, `_partial_: true`, lr...).
+            Kept as a plain dict, never as the partial itself, so checkpoints load with torch's
+            safe loading (`weights_only=True`) and resume.
+    """
+
+    def __init__(
+        self,
+        layer_sizes: list[int] = (2, 2, 1),
+        activation: str = "sigmoid",
+        loss: str = "mse",
+        optimizer: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"model.loss must be one of {list(LOSSES)}, got {loss!r}")
+        layer_sizes = [int(n) for n in layer_sizes]
+        optimizer = dict(optimizer or {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.01})
+        self.save_hyperparameters(
+            {"layer_sizes": layer_sizes, "activation": activation, "loss": loss, "optimizer": optimizer}
+        )
+        self.net = MLP(layer_sizes, activation)
+        self.loss_name = loss
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def _target(self, y: Tensor) -> Tensor:
+        # Class indices feed cross_entropy as they are; mse and bce compare one output to 0./1.
+        if y.dtype == torch.long and self.loss_name != "cross_entropy":
+            return y.to(torch.float32).unsqueeze(1)
+        return y
+
+    def compute_loss(self, out: Tensor, y: Tensor) -> Tensor:
+        target = self._target(y)
+        if self.loss_name == "mse":
+            return F.mse_loss(out, target)
+        if self.loss_name == "bce_with_logits":
+            return F.binary_cross_entropy_with_logits(out, target)
+        return F.cross_entropy(out, target)
+
+    def accuracy(self, out: Tensor, y: Tensor) -> Tensor:
+        """Share of points classified right (class targets only)."""
+        if self.loss_name == "cross_entropy":
+            predicted = out.argmax(dim=1)
+        else:
+            # mse regresses 0./1. (decide at 0.5); bce's output is a logit (decide at 0).
+            threshold = 0.5 if self.loss_name == "mse" else 0.0
+            predicted = (out.squeeze(1) > threshold).long()
+        return (predicted == y).to(torch.float32).mean()
+
+    def _writes_this_step(self) -> bool:
+        # Lightning writes logged values when (step + 1) % log_every_n_steps == 0. A self.log call
+        # on the other steps still costs (a metric object, a detach, a dict update), and the
+        # tutorial's run has 5000 one-step epochs: log only what will be written.
+        every = self.trainer.log_every_n_steps
+        return every > 0 and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        out = self.net(x)
+        loss = self.compute_loss(out, y)
+        if self._writes_this_step():
+            self.log("train/loss", loss, on_step=True, on_epoch=False)
+            if y.dtype == torch.long:
+                self.log("train/acc", self.accuracy(out, y), on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        out = self.net(x)
+        self.log("val/loss", self.compute_loss(out, y), on_epoch=True)
+        if y.dtype == torch.long:
+            self.log("val/acc", self.accuracy(out, y), on_epoch=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return instantiate(self.hparams.optimizer)(self.parameters())
