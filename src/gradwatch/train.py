@@ -7,6 +7,7 @@
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from datetime import datetime
@@ -21,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gradwatch.data import InMemoryDataModule
 from gradwatch.model import MLPModule
+from gradwatch.validate import ConfigError, check_config
 
 log = logging.getLogger("gradwatch")
 
@@ -85,6 +87,7 @@ def final_metrics(model: MLPModule, datamodule: InMemoryDataModule) -> dict[str,
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model; return its final metrics (also written to metrics.json)."""
+    check_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule: InMemoryDataModule = instantiate(cfg.data)
@@ -112,7 +115,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    train(cfg)
+    try:
+        train(cfg)
+    except ConfigError as error:
+        # A bad value is the user's to fix: say which, in a line, not a traceback.
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error(f"Error in config: {error}")
+        sys.exit(2)
 
 
 if __name__ == "__main__":
