@@ -1,8 +1,8 @@
 # gradwatch: the verbs. `make train` and `make test` set everything up on first use.
 #
 # Hydra overrides pass straight through: `make train optimizer=adam trainer.max_epochs=2000`.
-# GNU make collects command-line assignments in MAKEOVERRIDES; we hand them to Hydra, minus this
-# Makefile's own variables. `make train ARGS="optimizer=adam"` works too.
+# GNU make collects command-line assignments in MAKEOVERRIDES; we hand them to Hydra.
+# `make train ARGS="optimizer=adam"` works too.
 
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -10,10 +10,10 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 HOST   ?= 127.0.0.1
 PORT   ?= 6006
-OWN_VARS := ARGS=% VENV=% HOST=% PORT=%
-HYDRA_OVERRIDES = $(filter-out $(OWN_VARS),$(MAKEOVERRIDES)) $(ARGS)
-# `set -f`: no shell globbing of overrides like model.layer_sizes=[2,8,1].
-RUN_HYDRA = set -f; $(PY) -m
+# The shell (not make) splits MAKEOVERRIDES, so values with escaped spaces stay whole; this
+# Makefile's own variables are dropped. `set -f`: no globbing of model.layer_sizes=[2,8,1].
+RUN_HYDRA = set -f; set -- $(MAKEOVERRIDES); for o do shift; case "$$o" in \
+	ARGS=*|VENV=*|HOST=*|PORT=*) ;; *) set -- "$$@" "$$o" ;; esac; done; $(PY) -m
 
 .DEFAULT_GOAL := help
 .PHONY: help install train sweep test test-all bench report tensorboard lint format clean
@@ -33,10 +33,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv and install gradwatch (editable) with its dev tools
 
 train: $(STAMP) ## train (default: the tutorial's XOR run); Hydra overrides pass through
-	$(RUN_HYDRA) gradwatch.train $(HYDRA_OVERRIDES)
+	$(RUN_HYDRA) gradwatch.train "$$@" $(ARGS)
 
 sweep: $(STAMP) ## Hydra multirun: which optimizer solves XOR? (ARGS="..." for any other sweep)
-	$(RUN_HYDRA) gradwatch.train --multirun $(if $(strip $(HYDRA_OVERRIDES)),$(HYDRA_OVERRIDES),experiment=xor_sweep)
+	$(RUN_HYDRA) gradwatch.train --multirun "$$@" $(if $(strip $(ARGS)),$(ARGS),experiment=xor_sweep)
 
 test: $(STAMP) ## run the fast tests (slow ones excluded)
 	$(PY) -m pytest -m "not slow" -q

@@ -79,7 +79,9 @@ class ConsoleProgress(Callback):
         if self._loss_sum is None:
             return
         # Full precision, as the tutorial prints loss.item(): never round what is reported.
-        self.write(f"Epoch {trainer.current_epoch + 1}, Loss: {self._loss_sum.item() / self._batches}")
+        self.write(
+            f"Epoch {trainer.current_epoch + 1}, Loss: {self._loss_sum.item() / self._batches}"
+        )
         self._loss_sum, self._batches = None, 0
 
     @override

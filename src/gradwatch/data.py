@@ -152,7 +152,9 @@ class InMemoryDataModule(pl.LightningDataModule):
     def _batches(self, x: Tensor, y: Tensor, shuffle: bool) -> TensorBatches:
         # Move the whole set to the training device once; every batch is then a view of it.
         device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        rank, world = (
+            (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        )
         return TensorBatches(
             x.to(device), y.to(device), self.batch_size, shuffle, self.seed, rank, world
         )

@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu}
@@ -63,9 +64,16 @@ class MLPModule(pl.LightningModule):
         if loss not in LOSSES:
             raise ValueError(f"model.loss must be one of {list(LOSSES)}, got {loss!r}")
         layer_sizes = [int(n) for n in layer_sizes]
-        optimizer = dict(optimizer or {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.01})
+        optimizer = optimizer or {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.01}
+        # Hydra hands over DictConfig/ListConfig; checkpoints must hold plain dicts and lists.
+        optimizer = OmegaConf.to_container(OmegaConf.create(optimizer), resolve=True)
         self.save_hyperparameters(
-            {"layer_sizes": layer_sizes, "activation": activation, "loss": loss, "optimizer": optimizer}
+            {
+                "layer_sizes": layer_sizes,
+                "activation": activation,
+                "loss": loss,
+                "optimizer": optimizer,
+            }
         )
         self.net = MLP(layer_sizes, activation)
         self.loss_name = loss

@@ -1,7 +1,7 @@
 """Training entry point: `train(cfg)` builds everything from a composed config and fits.
 
-    python -m gradwatch.train optimizer=adam optimizer.lr=0.05 trainer.max_epochs=1500
-    gradwatch-train experiment=xor_adam
+python -m gradwatch.train optimizer=adam optimizer.lr=0.05 trainer.max_epochs=1500
+gradwatch-train experiment=xor_adam
 """
 
 import json
@@ -55,9 +55,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
 def save_run_config(cfg: DictConfig, run_dir: Path) -> None:
     """The resolved config and the command-line overrides, at the top of the run directory."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain.pop("hydra", None)
-    OmegaConf.save(OmegaConf.create(plain), run_dir / "config.yaml")
+    job_keys = [key for key in cfg if key != "hydra"]
+    OmegaConf.save(OmegaConf.masked_copy(cfg, job_keys), run_dir / "config.yaml", resolve=True)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     OmegaConf.save(OmegaConf.create(overrides), run_dir / "overrides.yaml")
 

@@ -1,0 +1,37 @@
+"""Shared fixtures: compose the real conf/ tree the way Hydra's command line would."""
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
+    """The config `python -m gradwatch.train <overrides>` would get, writing into output_dir."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """make_cfg("optimizer=adam", ...) -> a composed config whose run directory is tmp_path/run."""
+
+    def make(*overrides: str) -> DictConfig:
+        return compose_config(list(overrides), tmp_path / "run")
+
+    yield make
+    GlobalHydra.instance().clear()
