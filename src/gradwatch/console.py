@@ -68,21 +68,21 @@ class ConsoleProgress(Callback):
         if self._bar is not None:
             self._bar.update(1)
         # Sum losses on the device only in epochs that print: no host sync on the others.
-        if self._prints_this_epoch(trainer) and trainer.is_global_zero:
+        if self._prints_this_epoch(trainer):
             loss = outputs["loss"].detach()
             self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
             self._batches += 1
 
     @override
-    @rank_zero_only
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._loss_sum is None:
             return
-        # Full precision, as the tutorial prints loss.item(): never round what is reported.
-        self.write(
-            f"Epoch {trainer.current_epoch + 1}, Loss: {self._loss_sum.item() / self._batches}"
-        )
+        # Under data parallelism each process saw a share of the batch: average the shares.
+        loss = trainer.strategy.reduce(self._loss_sum / self._batches, reduce_op="mean")
         self._loss_sum, self._batches = None, 0
+        if trainer.is_global_zero:
+            # Full precision, as the tutorial prints loss.item(): never round what is reported.
+            self.write(f"Epoch {trainer.current_epoch + 1}, Loss: {loss.item()}")
 
     @override
     @rank_zero_only

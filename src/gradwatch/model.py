@@ -117,17 +117,19 @@ class MLPModule(pl.LightningModule):
         out = self.net(x)
         loss = self.compute_loss(out, y)
         if self._writes_this_step():
-            self.log("train/loss", loss, on_step=True, on_epoch=False)
+            # sync_dist: under data parallelism the step's loss is the mean over processes.
+            self.log("train/loss", loss, on_step=True, on_epoch=False, sync_dist=True)
             if y.dtype == torch.long:
-                self.log("train/acc", self.accuracy(out, y), on_step=True, on_epoch=False)
+                acc = self.accuracy(out, y)
+                self.log("train/acc", acc, on_step=True, on_epoch=False, sync_dist=True)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         out = self.net(x)
-        self.log("val/loss", self.compute_loss(out, y), on_epoch=True)
+        self.log("val/loss", self.compute_loss(out, y), on_epoch=True, sync_dist=True)
         if y.dtype == torch.long:
-            self.log("val/acc", self.accuracy(out, y), on_epoch=True)
+            self.log("val/acc", self.accuracy(out, y), on_epoch=True, sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return instantiate(self.hparams.optimizer)(self.parameters())
