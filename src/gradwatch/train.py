@@ -16,15 +16,19 @@ from pathlib import Path
 import hydra
 import lightning.pytorch as pl
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gradwatch.checkpoints import AtomicCheckpointIO
 from gradwatch.data import InMemoryDataModule
 from gradwatch.model import MLPModule
-from gradwatch.validate import ConfigError, check_config
+from gradwatch.validate import ConfigError, check_config, resolve_checkpoint
 
 log = logging.getLogger("gradwatch")
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 # Two runs started in the same second must not share a directory: the timestamp carries
 # microseconds and the process id. Cached, so every reference in one process sees one value.
@@ -43,12 +47,24 @@ warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
-    """The Trainer with the configured callbacks and loggers, writing into `run_dir`."""
+def build_trainer(cfg: DictConfig, run_dir: Path, resume_step: int = 0) -> pl.Trainer:
+    """The Trainer with the configured callbacks and loggers, writing into `run_dir`.
+
+    When resuming from `resume_step`, TensorBoard is told to purge what the interrupted run wrote
+    from that step on, so the resumed run continues one curve with no step written twice.
+    """
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        if node:
+            purge = resume_step and node._target_.endswith("TensorBoardLogger")
+            loggers.append(instantiate(node, **({"purge_step": resume_step} if purge else {})))
     return instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir)
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
     )
 
 
@@ -86,23 +102,22 @@ def final_metrics(model: MLPModule, datamodule: InMemoryDataModule) -> dict[str,
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model; return its final metrics (also written to metrics.json)."""
-    check_config(cfg)
+    ckpt_path = check_config(cfg)
+    resume_step = torch.load(ckpt_path, weights_only=True)["global_step"] if ckpt_path else 0
     run_dir = Path(cfg.paths.output_dir)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule: InMemoryDataModule = instantiate(cfg.data)
     model: MLPModule = instantiate(
         cfg.model, optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True), _recursive_=False
     )
-    trainer = build_trainer(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, resume_step)
     if trainer.is_global_zero:
         save_run_config(cfg, run_dir)
         log.info(f"Run directory: {run_dir}")
 
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     fit_seconds = time.perf_counter() - start
-    # last.ckpt always holds the end of training, whatever the periodic cadence was.
-    trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt")
 
     metrics = final_metrics(model, datamodule)
     metrics.update(epochs=trainer.current_epoch, steps=trainer.global_step, fit_seconds=fit_seconds)
@@ -112,8 +127,31 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def resume_run_dir(args: list[str]) -> list[str]:
+    """`hydra.run.dir=<run>` when the command line resumes a run (`ckpt_path=...`), so the run
+    continues in its own directory instead of a new one; [] otherwise. Bad values are left for
+    Hydra and check_config to report."""
+    ckpt = next((a.split("=", 1)[1] for a in args if a.startswith("ckpt_path=")), None)
+    if ckpt in (None, "null") or any(
+        a in ("-m", "--multirun") or a.startswith("hydra.") for a in args
+    ):
+        return []
+    overrides = [a for a in args if not a.startswith("-")]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+        checkpoint = Path(resolve_checkpoint(ckpt, cfg.paths.root, cfg.name))
+    except Exception:  # noqa: BLE001 - reported properly once Hydra runs the job
+        return []
+    finally:
+        GlobalHydra.instance().clear()
+    if checkpoint.parent.name != "checkpoints":
+        return []
+    return [f"hydra.run.dir={checkpoint.parent.parent}"]
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def hydra_main(cfg: DictConfig) -> None:
     try:
         train(cfg)
     except ConfigError as error:
@@ -122,6 +160,12 @@ def main(cfg: DictConfig) -> None:
             raise
         log.error(f"Error in config: {error}")
         sys.exit(2)
+
+
+def main() -> None:
+    """`gradwatch-train` and `python -m gradwatch.train`: Hydra's command line."""
+    sys.argv.extend(resume_run_dir(sys.argv[1:]))
+    hydra_main()
 
 
 if __name__ == "__main__":
