@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT
 from torch import nn
 
+from gradwatch.console import format_tensor
 from gradwatch.model import MLPModule
 from gradwatch.train import train
 
@@ -56,8 +57,9 @@ def test_seed_run_prints_the_tutorials_losses(make_cfg, caplog):
 
 def test_seed_run_ends_with_the_tutorials_weights_and_gradient(make_cfg, caplog, tmp_path):
     caplog.set_level(logging.INFO, logger="gradwatch")
-    metrics = train(make_cfg("experiment=seed_xor", "trainer.max_epochs=30"))
-    _, net = tutorial_loop(30)
+    # 50 epochs: a validation epoch (check_val_every_n_epoch), where Lightning frees gradients.
+    metrics = train(make_cfg("experiment=seed_xor", "trainer.max_epochs=50"))
+    _, net = tutorial_loop(50)
     ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
     for name, value in net.state_dict().items():
         assert torch.equal(ckpt["state_dict"][f"net.{name}"], value), name
@@ -67,7 +69,8 @@ def test_seed_run_ends_with_the_tutorials_weights_and_gradient(make_cfg, caplog,
     # The tutorial's last step: fc1.weight.grad, printed after training.
     lines = [r.getMessage() for r in caplog.records]
     header = lines.index("Gradients of the first layer weights (fc1.weight):")
-    assert lines[header + 1] == str(net.fc1.weight.grad)
+    assert lines[header + 1] == format_tensor(net.fc1.weight.grad)
+    assert "e-0" in lines[header + 1]  # every digit, not torch's default four decimals
 
 
 def test_run_directory_holds_the_whole_run(make_cfg, tmp_path):
@@ -134,8 +137,13 @@ def test_make_passes_overrides_straight_to_hydra():
     env = {**os.environ, "MAKEFLAGS": ""}
     done = subprocess.run(
         [
-            "make", "-n", "train", "optimizer=adam", "trainer.max_epochs=2000",
-            "model.layer_sizes=[2, 8,1]", "ARGS=seed=3 name=x",
+            "make",
+            "-n",
+            "train",
+            "optimizer=adam",
+            "trainer.max_epochs=2000",
+            "model.layer_sizes=[2, 8,1]",
+            "ARGS=seed=3 name=x",
         ],
         capture_output=True,
         text=True,

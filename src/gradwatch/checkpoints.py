@@ -4,6 +4,7 @@ A checkpoint file is written to a temporary name and renamed into place, so a ha
 the previous `last.ckpt` whole, never a half-written one.
 """
 
+import errno
 import logging
 import os
 import signal
@@ -28,6 +29,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         partial = path.with_name(path.name + ".tmp")
         super().save_checkpoint(checkpoint, partial, storage_options)
+        if not partial.is_file():  # Lightning's _atomic_save swallows a PermissionError
+            raise PermissionError(errno.EACCES, "Permission denied", str(partial))
         os.replace(partial, path)
 
 

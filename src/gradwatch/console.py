@@ -13,6 +13,16 @@ from typing_extensions import override
 log = logging.getLogger("gradwatch")
 
 
+def format_tensor(tensor: torch.Tensor) -> str:
+    """A tensor as torch prints it, with every digit of float32: the tutorial's first-layer
+    gradients are about 1e-4, which torch's default 4 decimals would show as 0.0001."""
+    torch.set_printoptions(precision=8, sci_mode=True)
+    try:
+        return str(tensor.detach().cpu())
+    finally:
+        torch.set_printoptions(profile="default")
+
+
 class ConsoleProgress(Callback):
     """Prints `Epoch 500, Loss: 0.2500294446945...` every `print_every` epochs, as the tutorial
     does, under a single progress bar over the whole run's steps (Lightning's own bar restarts
@@ -93,7 +103,7 @@ class ConsoleProgress(Callback):
         )
         if weight is not None and weight.grad is not None:
             self.write(f"Gradients of the first layer weights ({name.removeprefix('net.')}):")
-            self.write(str(weight.grad.detach().cpu()))
+            self.write(format_tensor(weight.grad))
 
     @override
     def on_exception(

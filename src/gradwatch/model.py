@@ -131,5 +131,10 @@ class MLPModule(pl.LightningModule):
         if y.dtype == torch.long:
             self.log("val/acc", self.accuracy(out, y), on_epoch=True, sync_dist=True)
 
+    def on_validation_model_zero_grad(self) -> None:
+        # Lightning frees gradients before validating; keep them: after training, the last
+        # step's gradients are what the tutorial reads (fc1.weight.grad), and they are small.
+        pass
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return instantiate(self.hparams.optimizer)(self.parameters())

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import sys
-import time
+import traceback
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -19,13 +19,22 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gradwatch.checkpoints import AtomicCheckpointIO
 from gradwatch.data import InMemoryDataModule
 from gradwatch.model import MLPModule
-from gradwatch.validate import ConfigError, check_config, resolve_checkpoint
+from gradwatch.monitor import GradientAlert
+from gradwatch.summary import RunSummary
+from gradwatch.sweep import FAILED_FILE
+from gradwatch.validate import (
+    ConfigError,
+    check_config,
+    describe_write_error,
+    resolve_checkpoint,
+)
 
 log = logging.getLogger("gradwatch")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -47,13 +56,30 @@ warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, resume_step: int = 0) -> pl.Trainer:
+def show_alerts_as_log_lines(message, category, filename, lineno, file=None, line=None) -> None:
+    """Gradient alerts are for people: one clean line in the console and train.log, not a
+    warning with a source location. Other warnings are shown as Python shows them."""
+    if issubclass(category, GradientAlert):
+        log.warning(f"ALERT {message}")
+    else:
+        python_showwarning(message, category, filename, lineno, file, line)
+
+
+python_showwarning = warnings.showwarning
+warnings.showwarning = show_alerts_as_log_lines
+
+
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, resume_step: int = 0, extra_callbacks: tuple = ()
+) -> pl.Trainer:
     """The Trainer with the configured callbacks and loggers, writing into `run_dir`.
 
     When resuming from `resume_step`, TensorBoard is told to purge what the interrupted run wrote
     from that step on, so the resumed run continues one curve with no step written twice.
     """
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    # Extra callbacks first: their on_train_end (the run summary's fit time) runs before others'.
+    callbacks = list(extra_callbacks)
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = []
     for node in (cfg.get("logger") or {}).values():
         if node:
@@ -77,27 +103,17 @@ def save_run_config(cfg: DictConfig, run_dir: Path) -> None:
     OmegaConf.save(OmegaConf.create(overrides), run_dir / "overrides.yaml")
 
 
-@torch.no_grad()
-def final_metrics(model: MLPModule, datamodule: InMemoryDataModule) -> dict[str, float]:
-    """Loss (and accuracy) of the trained model on the whole train and val sets."""
-    model.eval()
-    metrics = {}
-    splits = {"train": (datamodule.train_x, datamodule.train_y)}
-    if len(datamodule.val_x):
-        splits["val"] = (datamodule.val_x, datamodule.val_y)
-    for split, (x, y) in splits.items():
-        x, y = x.to(model.device), y.to(model.device)
-        out = model(x)
-        metrics[f"{split}/loss"] = model.compute_loss(out, y).item()
-        if y.dtype == torch.long:
-            metrics[f"{split}/acc"] = model.accuracy(out, y).item()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if grads:
-        metrics["grad_norm/total"] = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g) for g in grads])
-        ).item()
-    model.train()
-    return metrics
+def flat_hparams(cfg: DictConfig) -> dict[str, str | int | float | bool]:
+    """The run's choices as one flat dict of plain values, for TensorBoard's HParams table."""
+    flat = {"seed": cfg.seed, "optimizer": cfg.optimizer._target_.rsplit(".", 1)[-1]}
+    for group in ("data", "model", "optimizer", "trainer"):
+        for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
+            if key.startswith("_") or isinstance(value, dict):
+                continue
+            # HParams takes str, int, float and bool: lists become text, None "null".
+            plain = value if isinstance(value, str | int | float | bool) else json.dumps(value)
+            flat[f"{group}.{key}"] = plain
+    return flat
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -110,21 +126,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model: MLPModule = instantiate(
         cfg.model, optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True), _recursive_=False
     )
-    trainer = build_trainer(cfg, run_dir, resume_step)
+    summary = RunSummary(run_dir, flat_hparams(cfg))
+    trainer = build_trainer(cfg, run_dir, resume_step, extra_callbacks=(summary,))
     if trainer.is_global_zero:
         save_run_config(cfg, run_dir)
         log.info(f"Run directory: {run_dir}")
 
-    start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    fit_seconds = time.perf_counter() - start
-
-    metrics = final_metrics(model, datamodule)
-    metrics.update(epochs=trainer.current_epoch, steps=trainer.global_step, fit_seconds=fit_seconds)
-    if trainer.is_global_zero:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        log.info("Final: " + ", ".join(f"{k} {v:.6g}" for k, v in metrics.items()))
-    return metrics
+    return summary.metrics
 
 
 def resume_run_dir(args: list[str]) -> list[str]:
@@ -152,14 +161,29 @@ def resume_run_dir(args: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> None:
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         train(cfg)
-    except ConfigError as error:
-        # A bad value is the user's to fix: say which, in a line, not a traceback.
+    except (ConfigError, OSError) as error:
+        # A bad value, a full or read-only disk: the user's to fix. Say which, in a line.
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        log.error(f"Error in config: {error}")
-        sys.exit(2)
+        if isinstance(error, ConfigError):
+            message = f"Error in config: {error}"
+        else:
+            message = f"Error writing the run: {describe_write_error(error, cfg.paths.output_dir)}"
+        log.error(message)
+        if multirun:
+            # Record it for the sweep's table and let the other jobs run.
+            Path(cfg.paths.output_dir, FAILED_FILE).write_text(message + "\n")
+            return
+        sys.exit(2 if isinstance(error, ConfigError) else 3)
+    except Exception as error:
+        if not multirun:
+            raise
+        # One failing job must not stop or corrupt the others: report it now, rank it at the end.
+        log.exception(f"Job {HydraConfig.get().job.override_dirname} failed: {error}")
+        Path(cfg.paths.output_dir, FAILED_FILE).write_text(traceback.format_exc())
 
 
 def main() -> None:

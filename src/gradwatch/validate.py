@@ -10,6 +10,7 @@ import errno
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable
@@ -326,14 +327,19 @@ def check_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure inside torch means an unusable file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if "Weights only load failed" in str(error):
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if unsafe:
             raise ConfigError(
-                f"{where} holds pickled Python objects that safe loading "
+                f"{where} holds a pickled Python object ({unsafe.group(1)}) that safe loading "
                 "(torch.load(weights_only=True)) refuses: load only checkpoints gradwatch wrote"
             ) from error
+        # torch's messages run to a dozen lines about weights_only: keep the unpickler's
+        # complaint (garbage) or the first line (a broken zip archive).
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+        reason = detail.group(1) if detail else (str(error).strip() or type(error).__name__)
         raise ConfigError(
-            f"{where} is corrupted, truncated or not a checkpoint: torch.load failed: {reason}"
+            f"{where} is corrupted, truncated or not a checkpoint "
+            f"(torch.load: {reason.splitlines()[0].strip().split('. ')[0]})"
         ) from error
     missing = [
         k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint

@@ -1,0 +1,90 @@
+"""What a finished run leaves for comparison: metrics.json and TensorBoard's HParams entry."""
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.tensorboard.summary import hparams as hparams_summary
+from typing_extensions import override
+
+from gradwatch.monitor import GradientMonitor
+
+log = logging.getLogger("gradwatch")
+
+
+@torch.no_grad()
+def final_metrics(
+    model: pl.LightningModule, datamodule: pl.LightningDataModule
+) -> dict[str, float]:
+    """Loss (and accuracy) of the trained model on the whole train and val sets, and the norm
+    of the last step's gradients."""
+    was_training = model.training
+    model.eval()
+    metrics = {}
+    splits = {"train": (datamodule.train_x, datamodule.train_y)}
+    if len(datamodule.val_x):
+        splits["val"] = (datamodule.val_x, datamodule.val_y)
+    for split, (x, y) in splits.items():
+        x, y = x.to(model.device), y.to(model.device)
+        out = model(x)
+        metrics[f"{split}/loss"] = model.compute_loss(out, y).item()
+        if y.dtype == torch.long:
+            metrics[f"{split}/acc"] = model.accuracy(out, y).item()
+    grads = [p.grad.detach().flatten() for p in model.parameters() if p.grad is not None]
+    if grads:
+        metrics["grad_norm/total"] = torch.linalg.vector_norm(torch.cat(grads)).item()
+    model.train(was_training)
+    return metrics
+
+
+class RunSummary(Callback):
+    """At the end of training: final metrics to `metrics.json` in `run_dir`, and the run's
+    hyperparameters with those metrics (under `final/...`) to TensorBoard's HParams dashboard,
+    so the runs of a sweep compare in one table. Written before Lightning closes the loggers.
+
+    Args:
+        run_dir: the run directory.
+        hparams: flat hyperparameters (str, int, float or bool values) to show in HParams.
+    """
+
+    def __init__(self, run_dir: str | Path, hparams: dict[str, Any]) -> None:
+        self.run_dir = Path(run_dir)
+        self.hparams = hparams
+        self.metrics: dict[str, float] = {}
+        self._start = 0.0
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._start = time.perf_counter()
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        fit_seconds = time.perf_counter() - self._start
+        self.metrics = final_metrics(pl_module, trainer.datamodule)
+        monitor = next((c for c in trainer.callbacks if isinstance(c, GradientMonitor)), None)
+        if monitor is not None:
+            self.metrics["alerts"] = len(monitor.summary()["alerts"])
+        self.metrics.update(
+            epochs=trainer.current_epoch, steps=trainer.global_step, fit_seconds=fit_seconds
+        )
+        if not trainer.is_global_zero:
+            return
+        (self.run_dir / "metrics.json").write_text(json.dumps(self.metrics, indent=2) + "\n")
+        log.info("Final: " + ", ".join(f"{k} {v:.6g}" for k, v in self.metrics.items()))
+        final = {
+            "final/" + key.replace("/", "_"): value
+            for key, value in self.metrics.items()
+            if key != "fit_seconds"
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(final, step=trainer.global_step)
+            if isinstance(logger, TensorBoardLogger):
+                # The HParams plugin reads each metric as the last value of its scalar tag.
+                for summary in hparams_summary(self.hparams, dict.fromkeys(final, 0.0)):
+                    logger.experiment._get_file_writer().add_summary(summary)

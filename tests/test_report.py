@@ -1,0 +1,219 @@
+"""gradwatch-report against event files written here by hand, with values known in advance."""
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
+
+from gradwatch.report import histogram_grid, main
+
+PARAMS = {"fc1": ("weight", "bias"), "fc2": ("weight", "bias")}
+STEPS = list(range(0, 100, 10))
+HIST_STEPS = [0, 50, 90]
+
+
+def f32(x: float) -> float:
+    """What an event file keeps of a float: float32."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def fixture_values(seed: int) -> dict[str, dict[int, float]]:
+    """tag -> step -> value, the way the gradient monitor names them; fc1 shrinking (vanishing)."""
+    values: dict[str, dict[int, float]] = {}
+    for step in STEPS:
+        t = step / 100
+        values.setdefault("train/loss", {})[step] = 0.25 * math.exp(-seed * t) + 0.01
+        values.setdefault("train/acc", {})[step] = min(1.0, 0.5 + seed * t / 2)
+        layer_sq = {}
+        for layer, params in PARAMS.items():
+            base = (1e-4 if layer == "fc1" else 1e-2) * (1 + seed) * math.exp(-3 * t)
+            sq = 0.0
+            for k, p in enumerate(params):
+                g = f32(base * (k + 1))
+                w = f32(0.5 * (k + 1) + 0.1 * seed + t)
+                values.setdefault(f"grad_norm/{layer}.{p}", {})[step] = g
+                values.setdefault(f"weight_norm/{layer}.{p}", {})[step] = w
+                sq += g * g
+            layer_sq[layer] = sq
+            values.setdefault(f"grad_norm/{layer}", {})[step] = f32(math.sqrt(sq))
+            values.setdefault(f"update_ratio/{layer}", {})[step] = f32(1e-3 * (1 + seed) / (1 + t))
+        values.setdefault("grad_norm/total", {})[step] = f32(math.sqrt(sum(layer_sq.values())))
+    return values
+
+
+def fixture_hist(layer: str, param: str, step: int, kind: str) -> tuple[float, float, list, list]:
+    """A histogram as the monitor writes it: an empty bucket at min, then 8 equal buckets."""
+    scale = (1e-4 if layer == "fc1" else 1e-2) if kind == "grad" else 1.0
+    lo, hi = -scale * (1 + step / 100), scale * (2 + step / 100)
+    width = (hi - lo) / 8
+    limits = [lo, *(lo + width * (i + 1) for i in range(8))]
+    counts = [0.0, *(float((i * 3 + step) % 5 + (param == "weight")) for i in range(8))]
+    return lo, hi, limits, counts
+
+
+def write_fixture_run(run_dir: Path, seed: int = 1, overrides: list[str] | None = None) -> dict:
+    """A run directory with event files, overrides.yaml and hparams, as a gradwatch run has."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    values = fixture_values(seed)
+    writer = SummaryWriter(log_dir=str(run_dir))
+    for step in STEPS:
+        for tag, by_step in values.items():
+            writer.add_scalar(tag, by_step[step], step)
+        if step in HIST_STEPS:
+            for layer, params in PARAMS.items():
+                for p in params:
+                    for kind in ("grad", "weight"):
+                        lo, hi, limits, counts = fixture_hist(layer, p, step, kind)
+                        writer.add_histogram_raw(
+                            f"{kind}_hist/{layer}.{p}",
+                            min=lo,
+                            max=hi,
+                            num=sum(counts),
+                            sum=0.0,
+                            sum_squares=1.0,
+                            bucket_limits=limits,
+                            bucket_counts=counts,
+                            global_step=step,
+                        )
+    writer.add_text("alerts", "**vanishing**: vanishing gradients at step 50: fc1", 50)
+    # As Lightning's TensorBoardLogger.log_hyperparams does: into the run's own event file.
+    for summary in hparams({"optimizer": "sgd", "lr": 0.01 * seed}, {"hp/final_loss": 0.0}):
+        writer.file_writer.add_summary(summary)
+    writer.close()
+    overrides = overrides if overrides is not None else [f"seed={seed}", "paths.root=/tmp/x"]
+    (run_dir / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    return values
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def check_png(path: Path, min_bytes: int = 10_000) -> None:
+    assert path.is_file(), f"missing {path}"
+    width, height = png_size(path)
+    assert width >= 300 and height >= 200
+    assert path.stat().st_size >= min_bytes  # a blank figure is a few KB
+    # Non-trivial: many distinct colours, not a blank canvas.
+    from matplotlib.image import imread
+
+    pixels = imread(path)[..., :3].reshape(-1, 3)
+    assert len(np.unique((pixels * 255).astype(np.uint8), axis=0)) > 50
+
+
+def test_tables_and_plots_match_written_values(tmp_path, capsys):
+    run = tmp_path / "run"
+    values = write_fixture_run(run, seed=1)
+    assert main([str(run), "--tags", "train/acc"]) == 0
+    out = capsys.readouterr().out
+    data = json.loads((run / "report" / "report.json").read_text())
+    (summary,) = data["runs"]
+
+    for layer in (*PARAMS, "total"):
+        series = [values[f"grad_norm/{layer}"][s] for s in STEPS]
+        row = summary["layers"][layer]
+        assert row["first"] == series[0]
+        assert row["last"] == series[-1]
+        assert row["min"] == min(series) and row["max"] == max(series)
+        assert row["mean"] == pytest.approx(sum(series) / len(series), rel=1e-12)
+        params = PARAMS[layer] if layer != "total" else None
+        names = (
+            [f"{layer}.{p}" for p in params]
+            if params
+            else [f"{lay}.{p}" for lay, ps in PARAMS.items() for p in ps]
+        )
+        expected_w = math.sqrt(sum(values[f"weight_norm/{n}"][STEPS[-1]] ** 2 for n in names))
+        assert row["weight_norm"] == pytest.approx(expected_w, rel=1e-12)
+        if layer != "total":
+            assert row["update_ratio"] == values[f"update_ratio/{layer}"][STEPS[-1]]
+        # The printed table carries the same numbers.
+        line = next(ln for ln in out.splitlines() if ln.split()[:1] == [layer])
+        assert f"{series[0]:.4e}" in line and f"{series[-1]:.4e}" in line
+        assert f"{min(series):.4e}" in line and f"{max(series):.4e}" in line
+    assert summary["final"]["train/loss"] == f32(values["train/loss"][STEPS[-1]])
+    assert summary["tags"]["train/acc"] == f32(values["train/acc"][STEPS[-1]])
+    assert summary["alerts"] == {"vanishing": 1}
+    assert summary["hparams"] == {"optimizer": "sgd", "lr": pytest.approx(0.01)}
+    assert "alert at step 50: **vanishing**" in out
+
+    names = {Path(p).name for p in data["plots"]}
+    assert names == {
+        "loss.png",
+        "grad_norms.png",
+        "grad_flow_bars.png",
+        "hist_fc1.png",
+        "hist_fc2.png",
+        "scalars.png",
+    }
+    for name in names:
+        check_png(run / "report" / name)
+
+
+def test_histogram_grid_keeps_every_count():
+    """Spreading buckets onto the plot's grid neither loses nor invents counts."""
+    rows = []
+    for step in HIST_STEPS:
+        lo, hi, limits, counts = fixture_hist("fc1", "weight", step, "grad")
+        left = [lo, *limits[:-1]]
+        rows.append((step, left, limits, counts))
+    rows.append(
+        (95, [0.5, 0.5], [0.5, 0.5], [0.0, 7.0])
+    )  # every value equal: one zero-width bucket
+    steps, edges, grid = histogram_grid(rows, bins=40)
+    assert steps.tolist() == [*HIST_STEPS, 95]
+    assert edges[0] == pytest.approx(-1e-4 * 1.9) and edges[-1] == pytest.approx(0.5)
+    for i, row in enumerate(rows):
+        assert grid[i].sum() == pytest.approx(sum(row[3]))
+    assert grid[-1, -1] == 7.0
+
+
+def test_two_runs_overlay_and_sweep_folder(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    write_fixture_run(sweep / "optimizer=sgd", seed=1, overrides=["optimizer=sgd", "seed=1"])
+    write_fixture_run(sweep / "optimizer=adam", seed=3, overrides=["optimizer=adam", "seed=1"])
+    (sweep / "multirun.yaml").write_text("{}\n")
+    out_dir = tmp_path / "cmp"
+    assert main([str(sweep), "--out", str(out_dir), "--layers", "fc1"]) == 0
+    out = capsys.readouterr().out
+    data = json.loads((out_dir / "report.json").read_text())
+    # Labels are the overrides that differ between the runs (seed=1 is common to both).
+    assert [r["label"] for r in data["runs"]] == ["optimizer=adam", "optimizer=sgd"]
+    assert "== optimizer=adam" in out and "== optimizer=sgd" in out
+    final = {r["label"]: r["final"]["train/loss"] for r in data["runs"]}
+    assert final["optimizer=sgd"] == f32(fixture_values(1)["train/loss"][STEPS[-1]])
+    assert final["optimizer=adam"] == f32(fixture_values(3)["train/loss"][STEPS[-1]])
+    names = {Path(p).name for p in data["plots"]}
+    assert names == {"loss.png", "grad_norms.png", "grad_flow_bars.png", "hist_fc1.png"}
+    for name in names:
+        check_png(out_dir / name)
+
+    # The same two runs given one by one: same labels, default output in their common parent.
+    assert main([str(sweep / "optimizer=sgd"), str(sweep / "optimizer=adam")]) == 0
+    assert (sweep / "report" / "grad_norms.png").is_file()
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "file"])
+def test_path_without_event_files_is_one_line_exit_2(tmp_path, capsys, make):
+    path = tmp_path / "run"
+    if make == "empty":
+        (path / "checkpoints").mkdir(parents=True)
+    elif make == "file":
+        path.write_text("not a run")
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("gradwatch-report: error:")
+    assert str(path) in err
+
+
+def test_unknown_layer_is_an_error(tmp_path, capsys):
+    write_fixture_run(tmp_path / "run")
+    assert main([str(tmp_path / "run"), "--layers", "fc9"]) == 2
+    err = capsys.readouterr().err
+    assert "fc9" in err and "fc1 fc2" in err

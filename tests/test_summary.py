@@ -1,0 +1,40 @@
+"""The end-of-run record: metrics.json and TensorBoard's HParams entry say the same thing."""
+
+import json
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from gradwatch.train import train
+
+
+def read_run(run_dir):
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return events
+
+
+def test_hparams_and_final_metrics_reach_tensorboard(make_cfg, tmp_path):
+    metrics = train(make_cfg("optimizer=adam", "optimizer.lr=0.05", "trainer.max_epochs=40"))
+    run = tmp_path / "run"
+    assert json.loads((run / "metrics.json").read_text()) == metrics
+    events = read_run(run)
+
+    # Every final metric is a scalar at the last step (the HParams table reads these tags).
+    for key in ("train/loss", "train/acc", "grad_norm/total"):
+        (point,) = events.Scalars("final/" + key.replace("/", "_"))
+        assert point.step == 40
+        assert point.value == pytest.approx(metrics[key], rel=1e-6)
+
+    # The HParams session names the run's choices.
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = start.session_start_info.hparams
+    assert hparams["optimizer"].string_value == "Adam"
+    assert hparams["optimizer.lr"].number_value == 0.05
+    assert hparams["model.layer_sizes"].string_value == "[2, 2, 1]"
+    assert hparams["trainer.max_epochs"].number_value == 40
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    tags = {m.name.tag for m in experiment.experiment.metric_infos}
+    assert {"final/train_loss", "final/train_acc", "final/grad_norm_total"} <= tags
