@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
@@ -34,40 +35,50 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(partial, path)
 
 
-class RunCheckpoint(ModelCheckpoint):
+class RunCheckpoint(Callback):
     """`last.ckpt` every `every_n_train_steps` optimizer steps, at the end of training, and when
-    the run is interrupted (SIGINT or SIGTERM): the interruption is taken at the next step
-    boundary, so the checkpoint is consistent and resuming from it is exact.
+    the run is interrupted (SIGINT or SIGTERM). The interruption is taken at the next step
+    boundary, so the checkpoint is consistent and resuming from it is exact. Weights that are
+    no longer finite (a diverged run) are never saved: `last.ckpt` keeps the last good state.
 
     Args:
         dirpath: where `last.ckpt` goes (the run directory's `checkpoints/`).
         every_n_train_steps: the cadence; a one-step-per-epoch run cannot afford every epoch.
+
+    Raises:
+        ValueError: if `every_n_train_steps` is below 1.
     """
 
-    def __init__(self, dirpath: str, every_n_train_steps: int = 1000) -> None:
+    def __init__(self, dirpath: str | Path, every_n_train_steps: int = 1000) -> None:
         if every_n_train_steps < 1:
             raise ValueError(
                 f"checkpoint every_n_train_steps must be >= 1, got {every_n_train_steps}"
             )
-        super().__init__(
-            dirpath=dirpath,
-            save_last=True,
-            save_top_k=0,
-            every_n_train_steps=every_n_train_steps,
-            enable_version_counter=False,
-        )
+        self.last_path = Path(dirpath) / "last.ckpt"
+        self.every_n_train_steps = every_n_train_steps
         self.stop_signal: int | None = None
+        self._saved_step = -1
         self._previous_handlers: dict[int, Any] = {}
 
-    @property
-    def last_path(self) -> Path:
-        return Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
-
-    def _save_last_now(self, trainer: "pl.Trainer") -> None:
+    def save(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Write last.ckpt now, unless it already holds this step or the weights diverged."""
+        if self._saved_step == trainer.global_step:
+            return
+        # One host sync per checkpoint: a NaN or Inf weight must not replace a good checkpoint.
+        finite = torch.stack([p.isfinite().all() for p in pl_module.parameters()]).all()
+        if not finite.item():
+            if trainer.is_global_zero:
+                log.warning(
+                    f"Not checkpointing step {trainer.global_step}: the weights are not finite. "
+                    f"{self.last_path} keeps the last good state."
+                )
+            return
         trainer.save_checkpoint(self.last_path)
+        self._saved_step = trainer.global_step
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._saved_step = trainer.global_step  # a resumed run starts from a saved step
         # Under several processes Lightning's own handling applies: a flag set in one process
         # at one step and in another at the next would deadlock a collective.
         if trainer.world_size == 1:
@@ -88,19 +99,20 @@ class RunCheckpoint(ModelCheckpoint):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.stop_signal is not None:
-            self._save_last_now(trainer)
+            self.save(trainer, pl_module)
             name = signal.Signals(self.stop_signal).name
-            log.info(f"{name} received: saved {self.last_path} at step {trainer.global_step}.")
+            log.info(f"{name} received: saved {self.last_path} at step {self._saved_step}.")
             # Lightning's interrupt path: callbacks' on_exception, loggers flushed, exit 1.
             raise KeyboardInterrupt
+        if trainer.global_step % self.every_n_train_steps == 0:
+            self.save(trainer, pl_module)
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._restore_handlers()
         # Whatever the cadence, last.ckpt holds the end of training.
-        self._save_last_now(trainer)
+        self.save(trainer, pl_module)
 
     @override
     def on_exception(
