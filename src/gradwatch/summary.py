@@ -69,7 +69,11 @@ class RunSummary(Callback):
         self.metrics = final_metrics(pl_module, trainer.datamodule)
         monitor = next((c for c in trainer.callbacks if isinstance(c, GradientMonitor)), None)
         if monitor is not None:
-            self.metrics["alerts"] = len(monitor.summary()["alerts"])
+            alerts = monitor.summary()["alerts"]
+            self.metrics["alerts"] = len(alerts)
+            for alert in alerts:  # per kind too: alerts/stall, alerts/vanishing, ...
+                key = f"alerts/{alert['kind']}"
+                self.metrics[key] = self.metrics.get(key, 0) + 1
         self.metrics.update(
             epochs=trainer.current_epoch, steps=trainer.global_step, fit_seconds=fit_seconds
         )

@@ -47,8 +47,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             continue
         cells = [
             f"{row[key]:.6g}" if key in row else "-"
-            for key in ("train/loss", "train/acc", "grad_norm/total", "alerts")
+            for key in ("train/loss", "train/acc", "grad_norm/total")
         ]
+        kinds = [
+            f"{k.removeprefix('alerts/')} x{v}" for k, v in row.items() if k.startswith("alerts/")
+        ]
+        cells.append(", ".join(kinds) or ("none" if "alerts" in row else "-"))
         lines.append(f"| {rank} | {row['job']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
