@@ -10,10 +10,12 @@ STAMP  := $(VENV)/.installed
 ARGS   ?=
 HOST   ?= 127.0.0.1
 PORT   ?= 6006
-# The shell (not make) splits MAKEOVERRIDES, so values with escaped spaces stay whole; this
-# Makefile's own variables are dropped. `set -f`: no globbing of model.layer_sizes=[2,8,1].
-RUN_HYDRA = set -f; set -- $(MAKEOVERRIDES); for o do shift; case "$$o" in \
-	ARGS=*|VENV=*|HOST=*|PORT=*) ;; *) set -- "$$@" "$$o" ;; esac; done; $(PY) -m
+# $(call RUN_HYDRA,module,extra args): the shell (not make) splits MAKEOVERRIDES, so values with
+# escaped spaces stay whole; this Makefile's own variables are dropped; `set -f`: no globbing of
+# model.layer_sizes=[2,8,1].
+RUN_HYDRA = @set -f; set -- $(MAKEOVERRIDES); for o do shift; case "$$o" in \
+	ARGS=*|VENV=*|HOST=*|PORT=*) ;; *) set -- "$$@" "$$o" ;; esac; done; \
+	echo "$(PY) -m $(1) $$* $(2)"; $(PY) -m $(1) "$$@" $(2)
 
 .DEFAULT_GOAL := help
 .PHONY: help install train sweep test test-all bench report tensorboard lint format clean
@@ -33,10 +35,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv and install gradwatch (editable) with its dev tools
 
 train: $(STAMP) ## train (default: the tutorial's XOR run); Hydra overrides pass through
-	$(RUN_HYDRA) gradwatch.train "$$@" $(ARGS)
+	$(call RUN_HYDRA,gradwatch.train,$(ARGS))
 
 sweep: $(STAMP) ## Hydra multirun: which optimizer solves XOR? (ARGS="..." for any other sweep)
-	$(RUN_HYDRA) gradwatch.train --multirun "$$@" $(if $(strip $(ARGS)),$(ARGS),experiment=xor_sweep)
+	$(call RUN_HYDRA,gradwatch.train --multirun,$(or $(strip $(ARGS)),experiment=xor_sweep))
 
 test: $(STAMP) ## run the fast tests (slow ones excluded)
 	$(PY) -m pytest -m "not slow" -q
