@@ -626,6 +626,9 @@ def summarize(specs: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]]
         row["all"] = {m: [round(r[m], 4) for r in good] for m in METRICS}
         if ok:
             row["error"] = ok[-1]["error"]
+        reported = [r["fit_reported"] for r in good if "fit_reported" in r]
+        if reported:  # gradwatch's own fit_seconds (metrics.json), for comparison
+            row["fit_reported_s"] = statistics.median(reported)
         for r in good:
             if "sync_checked_steps" in r:
                 row["sync_checked_steps"] = r["sync_checked_steps"]
@@ -812,7 +815,12 @@ def main() -> None:
     parser.add_argument(
         "--only", default="", help="comma-separated contender names to keep (baselines always kept)"
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "outputs" / "bench",
+        help="where the JSON and Markdown go",
+    )
     parser.add_argument("--timeout", type=float, default=600, help="seconds per contender process")
     parser.add_argument(
         "--clock",

@@ -69,7 +69,8 @@ def read_events(run_dir: Path) -> EventAccumulator:
 
 def alert_texts(events: EventAccumulator) -> list[tuple[int, str]]:
     return [
-        (e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors("alerts/text_summary")
+        (e.step, e.tensor_proto.string_val[0].decode())
+        for e in events.Tensors("alerts/text_summary")
     ]
 
 
@@ -140,9 +141,7 @@ def test_nonfinite_gradients_stop_training_and_keep_the_run(make_cfg, step, valu
 
 def test_warn_alerts_once_per_episode_and_trains_on(make_cfg):
     # Logging steps 4, 9, ..., 39. Bad at 9 and 14 (one episode), good at 19 and 24, bad at 29.
-    cfg = make_cfg(
-        *RUN, "trainer.max_epochs=40", *with_bad_gradients([9, 14, 29], repair=True)
-    )
+    cfg = make_cfg(*RUN, "trainer.max_epochs=40", *with_bad_gradients([9, 14, 29], repair=True))
     run_dir = Path(cfg.paths.output_dir)
     metrics, alerts = fit_catching_alerts(cfg)
 
@@ -165,7 +164,13 @@ def test_exploding_experiment_is_caught_and_keeps_its_files(tmp_path):
     """`experiment=exploding` from the command line: the exploding alert on the console, in the
     event files and in metrics.json; then the non-finite stop, exit code 0 and every file whole."""
     root = tmp_path / "outputs"
-    command = [sys.executable, "-m", "gradwatch.train", "experiment=exploding", f"paths.root={root}"]
+    command = [
+        sys.executable,
+        "-m",
+        "gradwatch.train",
+        "experiment=exploding",
+        f"paths.root={root}",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     # The run ended as configured (stopped by the monitor): not an error.

@@ -10,14 +10,11 @@ import os
 import sys
 import traceback
 import warnings
-from datetime import datetime
 from pathlib import Path
 
 import hydra
 import lightning.pytorch as pl
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -25,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gradwatch.checkpoints import AtomicCheckpointIO
 from gradwatch.data import InMemoryDataModule
+from gradwatch.launch import CONF_DIR, ddp_processes_for_this_job, resume_run_dir
 from gradwatch.model import MLPModule
 from gradwatch.monitor import GradientAlert
 from gradwatch.summary import RunSummary
@@ -33,20 +31,9 @@ from gradwatch.validate import (
     ConfigError,
     check_config,
     describe_write_error,
-    resolve_checkpoint,
 )
 
 log = logging.getLogger("gradwatch")
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-# Two runs started in the same second must not share a directory: the timestamp carries
-# microseconds and the process id. Cached, so every reference in one process sees one value.
-OmegaConf.register_new_resolver(
-    "run_id",
-    lambda: f"{datetime.now():%Y-%m-%d_%H-%M-%S_%f}_{os.getpid()}",
-    use_cache=True,
-    replace=True,
-)
 
 # One-step epochs are the point of the tutorial's run, not a mistake to warn about.
 warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
@@ -132,31 +119,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         save_run_config(cfg, run_dir)
         log.info(f"Run directory: {run_dir}")
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    with ddp_processes_for_this_job():
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     return summary.metrics
-
-
-def resume_run_dir(args: list[str]) -> list[str]:
-    """`hydra.run.dir=<run>` when the command line resumes a run (`ckpt_path=...`), so the run
-    continues in its own directory instead of a new one; [] otherwise. Bad values are left for
-    Hydra and check_config to report."""
-    ckpt = next((a.split("=", 1)[1] for a in args if a.startswith("ckpt_path=")), None)
-    if ckpt in (None, "null") or any(
-        a in ("-m", "--multirun") or a.startswith("hydra.") for a in args
-    ):
-        return []
-    overrides = [a for a in args if not a.startswith("-")]
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-        checkpoint = Path(resolve_checkpoint(ckpt, cfg.paths.root, cfg.name))
-    except Exception:  # noqa: BLE001 - reported properly once Hydra runs the job
-        return []
-    finally:
-        GlobalHydra.instance().clear()
-    if checkpoint.parent.name != "checkpoints":
-        return []
-    return [f"hydra.run.dir={checkpoint.parent.parent}"]
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -90,6 +90,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "print_every": (_int_at_least(0)[0], "an integer >= 0 (0: never)"),
     "name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "trainer.max_epochs": _int_at_least(1),
+    "trainer.num_nodes": _int_at_least(1),
     "trainer.log_every_n_steps": _int_at_least(1),
     "trainer.check_val_every_n_epoch": _int_at_least(1, nullable=True),
     "trainer.accumulate_grad_batches": _int_at_least(1),

@@ -1,0 +1,100 @@
+"""How a run finds its directory and its processes: run ids that never collide, a resumed run
+back in its own directory, and DDP processes that start the right job inside a Hydra multirun.
+"""
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf, read_write
+
+from gradwatch.validate import resolve_checkpoint
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+# What Lightning's subprocess launcher sets in the launching process's environment.
+DDP_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def run_id() -> str:
+    """The run directory's name. Two runs started in the same second must not share one: the
+    timestamp carries microseconds and the process id. Processes started together by a cluster
+    launcher (torchrun, srun) each compose the config and must agree on one directory: they take
+    the launcher's id of the job instead."""
+    if os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        return f"torchrun_{os.environ['TORCHELASTIC_RUN_ID']}"
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in os.environ:
+        return f"slurm_{os.environ['SLURM_JOB_ID']}.{os.environ['SLURM_STEP_ID']}"
+    return f"{datetime.now():%Y-%m-%d_%H-%M-%S_%f}_{os.getpid()}"
+
+
+# `${run_id:}` in conf/config.yaml; cached, so every reference in one process sees one value.
+OmegaConf.register_new_resolver("run_id", run_id, use_cache=True, replace=True)
+
+
+def resume_run_dir(args: list[str]) -> list[str]:
+    """`hydra.run.dir=<run>` when the command line resumes a run (`ckpt_path=...`), so the run
+    continues in its own directory instead of a new one; [] otherwise. Bad values are left for
+    Hydra and check_config to report."""
+    ckpt = next((a.split("=", 1)[1] for a in args if a.startswith("ckpt_path=")), None)
+    if ckpt in (None, "null") or any(
+        a in ("-m", "--multirun") or a.startswith("hydra.") for a in args
+    ):
+        return []
+    overrides = [a for a in args if not a.startswith("-")]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+        checkpoint = Path(resolve_checkpoint(ckpt, cfg.paths.root, cfg.name))
+    except Exception:  # noqa: BLE001 - reported properly once Hydra runs the job
+        return []
+    finally:
+        GlobalHydra.instance().clear()
+    if checkpoint.parent.name != "checkpoints":
+        return []
+    return [f"hydra.run.dir={checkpoint.parent.parent}"]
+
+
+@contextmanager
+def ddp_processes_for_this_job() -> Iterator[None]:
+    """In a Hydra multirun, makes Lightning's DDP subprocess launcher start this job, not the sweep.
+
+    The launcher starts each extra process as `sys.argv` plus `hydra.run.dir=<hydra.run.dir>`.
+    In a multirun, sys.argv holds `-m` and every sweep value: each child would run a sweep of its
+    own (a second sweep directory, its jobs paired with the parent's by luck), and the next job
+    would reuse the first job's process group (Lightning leaves LOCAL_RANK set and the group up).
+    So: the job's own overrides and directory for the children, then the launcher's environment
+    and process group taken down, so the next job starts its own processes. Processes started
+    by torchrun or srun (LOCAL_RANK already set) each run the whole sweep in step: left alone.
+    """
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if not multirun or "LOCAL_RANK" in os.environ:
+        yield
+        return
+    hydra_cfg = HydraConfig.get()
+    argv, run_dir = sys.argv, hydra_cfg.run.dir
+    env = {key: os.environ.get(key) for key in DDP_LAUNCH_ENV}
+    sys.argv = [argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        with read_write(hydra_cfg):
+            hydra_cfg.run.dir = run_dir
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
