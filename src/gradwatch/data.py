@@ -101,6 +101,10 @@ class TensorBatches:
         return math.ceil(len(self.x) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.batch_size >= len(self.x) and self.world_size == 1:
+            # The tutorial's case: one full batch, the very same tensors every epoch.
+            yield self.x, self.y
+            return
         x, y = self.x, self.y
         if self.shuffle:
             order = torch.randperm(len(x), generator=self.generator).to(x.device)

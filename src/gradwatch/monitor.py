@@ -98,6 +98,9 @@ class GradientMonitor(Callback):
         on_nonfinite: ``"warn"``: alert and continue. ``"stop"``: alert and set
             ``trainer.should_stop``; training ends after the logging step that first sees a
             non-finite gradient (checked on device every step, read back on logging steps).
+        plot: draw ``grad_flow.png`` at the end of training (matplotlib, a few tenths of a second).
+            ``False`` leaves it to the caller: :meth:`save_plot` draws it any time, e.g. after
+            ``trainer.fit`` returns, which is what gradwatch's own training script does.
 
     Raises:
         ValueError:
@@ -132,6 +135,7 @@ class GradientMonitor(Callback):
         stall_loss_tol: float = 1e-2,
         stall_patience: int = 10,
         on_nonfinite: str = "warn",
+        plot: bool = True,
     ) -> None:
         _check_int("log_every_n_steps", log_every_n_steps, minimum=0, allow_none=True)
         _check_int("histogram_every_n_steps", histogram_every_n_steps, minimum=0, allow_none=True)
@@ -182,6 +186,7 @@ class GradientMonitor(Callback):
         self.stall_loss_tol = float(stall_loss_tol)
         self.stall_patience = stall_patience
         self.on_nonfinite = on_nonfinite
+        self.plot = plot
 
         # Resolved in `on_train_start`, once the loggers, optimizers and precision are known.
         self._enabled = True
@@ -299,8 +304,8 @@ class GradientMonitor(Callback):
         os.makedirs(trainer.default_root_dir, exist_ok=True)
         with open(os.path.join(trainer.default_root_dir, "gradients.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        if self._history["step"]:
-            self._plot(os.path.join(trainer.default_root_dir, "grad_flow.png"))
+        if self.plot:
+            self.save_plot(os.path.join(trainer.default_root_dir, "grad_flow.png"))
         print(self._table(summary))
 
     @override
@@ -764,7 +769,10 @@ class GradientMonitor(Callback):
             )
         return "\n".join(lines)
 
-    def _plot(self, path: str) -> None:
+    def save_plot(self, path: str | os.PathLike) -> None:
+        """Draw the per-layer gradient norms logged so far to `path` (a PNG), log scale."""
+        if not self._history["step"]:
+            return
         # The object-oriented API with the Agg canvas: no pyplot state, no display needed.
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure

@@ -24,7 +24,7 @@ from gradwatch.checkpoints import AtomicCheckpointIO
 from gradwatch.data import InMemoryDataModule
 from gradwatch.launch import CONF_DIR, ddp_processes_for_this_job, resume_run_dir
 from gradwatch.model import MLPModule
-from gradwatch.monitor import GradientAlert
+from gradwatch.monitor import GradientAlert, GradientMonitor
 from gradwatch.summary import RunSummary
 from gradwatch.sweep import FAILED_FILE
 from gradwatch.validate import (
@@ -121,6 +121,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     with ddp_processes_for_this_job():
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    # grad_flow.png is drawn after fit: reporting is not training, and matplotlib costs tenths
+    # of a second that the fit time of a 5000-epoch run should not carry.
+    monitor = next((c for c in trainer.callbacks if isinstance(c, GradientMonitor)), None)
+    if monitor is not None and not monitor.plot and trainer.is_global_zero:
+        monitor.save_plot(run_dir / "grad_flow.png")
     return summary.metrics
 
 
