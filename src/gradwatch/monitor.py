@@ -759,7 +759,7 @@ class GradientMonitor(Callback):
         lines = ["Gradient norms (L2) per layer:", head]
 
         def fmt(v: Any) -> str:
-            return f"{v:12.3e}" if isinstance(v, float) else f"{v!s:>12}"
+            return f"{v:12.3e}" if isinstance(v, float) else f"{'-' if v is None else v!s:>12}"
 
         for lay, row in summary["layers"].items():
             alerts = ", ".join(f"{k} x{c}" for k, c in row["alerts"].items()) or "-"
