@@ -15,7 +15,7 @@ def options(group: str) -> list[str]:
 
 def test_every_group_has_its_options():
     assert options("optimizer") == ["adam", "adamw", "rmsprop", "sgd"]
-    assert options("logger") == ["csv", "none", "tensorboard"]
+    assert options("logger") == ["csv", "mlflow", "none", "tensorboard"]
     assert {"default", "cpu", "gpu", "debug"} <= set(options("trainer"))
     assert {"seed_xor", "xor_adam"} <= set(options("experiment"))
     assert options("data") == ["circles", "moons", "sine", "spiral", "xor"]
@@ -60,9 +60,16 @@ def test_trainer_options_build_a_trainer(make_cfg, tmp_path, name):
 
 @pytest.mark.parametrize("name", options("logger"))
 def test_logger_options_build_their_loggers(make_cfg, tmp_path, name):
-    trainer = build_trainer(make_cfg(f"logger={name}"), tmp_path)
+    if name == "mlflow":
+        pytest.importorskip("mlflow")
+    trainer = build_trainer(make_cfg(f"logger={name}", f"paths.root={tmp_path}"), tmp_path)
     kinds = [type(lg).__name__ for lg in trainer.loggers]
-    expected = {"tensorboard": ["TensorBoardLogger"], "csv": ["CSVLogger"], "none": []}
+    expected = {
+        "tensorboard": ["TensorBoardLogger"],
+        "csv": ["CSVLogger"],
+        "mlflow": ["MLFlowLogger"],
+        "none": [],
+    }
     assert kinds == expected[name]
 
 

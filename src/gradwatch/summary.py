@@ -92,3 +92,5 @@ class RunSummary(Callback):
                 # The HParams plugin reads each metric as the last value of its scalar tag.
                 for summary in hparams_summary(self.hparams, dict.fromkeys(final, 0.0)):
                     logger.experiment._get_file_writer().add_summary(summary)
+            else:  # MLflow, CSV: the run's settings as their parameters
+                logger.log_hyperparams(self.hparams)
