@@ -5,6 +5,7 @@ starts its Rust data server as a child).
 """
 
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,3 +114,18 @@ def test_browser_shows_gradient_charts(served_run, tmp_path):
     shown = screenshot_grad_norms(server.url, shot, expected_tags=grad_tags)
     assert sorted(shown) == sorted(grad_tags)  # the filter shows these and nothing else
     check_png(shot)
+
+
+def test_make_tensorboard_binds_to_localhost_unless_asked():
+    """`make tensorboard` serves on 127.0.0.1 only; HOST= opens it up on purpose."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    root = Path(__file__).resolve().parents[1]
+
+    def command(*args: str) -> str:
+        done = subprocess.run(
+            ["make", "-n", "tensorboard", *args], capture_output=True, text=True, cwd=root, env=env
+        )
+        return done.stdout.strip().splitlines()[-1]
+
+    assert "--logdir outputs --host 127.0.0.1 --port 6006" in command()
+    assert "--host 0.0.0.0 --port 6007" in command("HOST=0.0.0.0", "PORT=6007")
