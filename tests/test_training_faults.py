@@ -26,9 +26,10 @@ RUN += ["print_every=0", "callbacks.gradient_monitor.histogram_every_n_steps=0"]
 
 class BadGradients(Callback):
     """Writes `value` into the first element of `param`'s gradient at the given optimizer steps,
-    after backward and before any callback reads the gradients. With `repair`, puts the old value
-    back after the monitor (earlier in the callback list) has read it, so the step's update stays
-    finite: a transient fault, the way an AMP overflow comes and goes.
+    after backward and before any callback reads the gradients. With `repair`, puts the weight
+    back after the step (and after the monitor, earlier in the callback list, has read the step),
+    so training goes on with finite weights: a transient fault, the way an AMP overflow comes
+    and goes.
 
     Added to a run as `+callbacks.bad_gradients._target_=test_training_faults.BadGradients`.
     """
@@ -37,22 +38,24 @@ class BadGradients(Callback):
         self, steps: list[int], value: float = math.nan, param: str = "fc1.weight", repair=False
     ) -> None:
         self.steps, self.value, self.param, self.repair = set(steps), value, param, repair
-        self._kept: float | None = None
+        self._kept_weight: float | None = None
 
-    def _grad(self, pl_module) -> torch.Tensor:
-        return next(p.grad for n, p in pl_module.named_parameters() if n.endswith(self.param))
+    def _param(self, pl_module) -> torch.Tensor:
+        return next(p for n, p in pl_module.named_parameters() if n.endswith(self.param))
 
     @override
     def on_after_backward(self, trainer, pl_module) -> None:
         if trainer.global_step in self.steps:
-            flat = self._grad(pl_module).view(-1)
-            self._kept = flat[0].item()
-            flat[0] = self.value
+            param = self._param(pl_module)
+            self._kept_weight = param.detach().view(-1)[0].item()
+            param.grad.view(-1)[0] = self.value
 
     @override
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if self.repair and trainer.global_step in self.steps:
-            self._grad(pl_module).view(-1)[0] = self._kept
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.repair and self._kept_weight is not None:
+            with torch.no_grad():
+                self._param(pl_module).view(-1)[0] = self._kept_weight
+            self._kept_weight = None
 
 
 def with_bad_gradients(steps: list[int], **kwargs) -> list[str]:

@@ -19,9 +19,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks.callback import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -356,6 +357,7 @@ class GradientMonitor(Callback):
         """Computes, on the gradients' device, every statistic of ``params`` that must be taken
         before clipping and the optimizer step; nothing is moved to the host here."""
         named = [(self._name(p, i), p) for i, p in enumerate(params)]
+        clipping = bool(trainer.gradient_clip_val)
         with_grad = [(n, p) for n, p in named if p.grad is not None]
         keys: list[tuple[str, str]] = []
         parts: list[Tensor] = []
@@ -366,8 +368,11 @@ class GradientMonitor(Callback):
             for ord_ in self.norm_types:
                 keys += [(f"norm{ord_}", n) for n in names]
                 parts.append(torch.stack(_norms(grads, ord_)))
-            keys += [("nonfinite", n) for n in names]
-            parts.append(torch.stack([g.isfinite().logical_not().sum() for g in grads]))
+            if clipping:
+                # Clipping rescales NaN/Inf gradients in place after this hook (a NaN total
+                # turns every value NaN): count them now, while they are the model's.
+                keys += [("nonfinite", n) for n in names]
+                parts.append(torch.stack([_count_nonfinite(g) for g in grads]))
             if hist:
                 keys += [(f"grad_{stat}", n) for stat in _STATS for n in names]
                 parts += _finite_stats(grads)
@@ -381,6 +386,10 @@ class GradientMonitor(Callback):
                 keys += [(f"weight_{stat}", n) for stat in _STATS for n in names]
                 parts += _finite_stats(weights)
         pending: dict[str, Any] = {"names": [n for n, _ in with_grad], "keys": keys, "parts": parts}
+        if not clipping:
+            # Counting NaN/Inf costs a pass over every gradient; a finite norm already says
+            # there are none, so count after the transfer, and only where a norm is not finite.
+            pending["uncounted"] = {name_of[id(p)]: p.grad for _, p in with_grad}
         pending["all_names"] = [n for n, _ in named]
         if self.log_update_ratio or hist:
             # A copy of the weights before the step: foreach ops, one kernel per device and dtype.
@@ -443,6 +452,7 @@ class GradientMonitor(Callback):
         # The one device-to-host transfer of the step.
         flat = torch.cat([p.reshape(-1).to(device=device, dtype=dtype) for p in parts]).tolist()
         values: dict[tuple[str, str], float] = dict(zip(keys, flat, strict=True))
+        self._count_nonfinite_where_needed(pending, values)
         scale = values.get(("scale", ""), 1.0)
         names = [n for item in pending for n in item["names"]]
         all_names = [n for item in pending for n in item["all_names"]]
@@ -454,9 +464,28 @@ class GradientMonitor(Callback):
             return
         if self._write_scalars:
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=self._step)
+                _log_scalars(logger, metrics, self._step)
         if self._write_hist and self._tb is not None:
             self._write_histograms(self._histograms(pending, values), self._step)
+
+    @staticmethod
+    def _count_nonfinite_where_needed(
+        pending: list[dict[str, Any]], values: dict[tuple[str, str], float]
+    ) -> None:
+        """NaN/Inf counts of the gradients whose norm is not finite (a second transfer, on such
+        steps only); every other gradient has none."""
+        bad = {
+            n: g
+            for item in pending
+            for n, g in item.get("uncounted", {}).items()
+            if not math.isfinite(values[("norm2.0", n)])
+        }
+        for item in pending:
+            for n in item.get("uncounted", {}):
+                values[("nonfinite", n)] = 0.0
+        if bad:
+            counts = [_count_nonfinite(g).item() for g in bad.values()]
+            values.update(zip([("nonfinite", n) for n in bad], counts, strict=True))
 
     def _histograms(
         self, pending: list[dict[str, Any]], values: dict[tuple[str, str], float]
@@ -799,6 +828,21 @@ class GradientMonitor(Callback):
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
+
+
+def _log_scalars(logger: Logger, metrics: dict[str, float], step: int) -> None:
+    """TensorBoard gets all of a step's scalars as one event (one record, one checksum, computed
+    in Python by TensorBoard's writer): the logger's log_metrics writes an event per scalar,
+    which costs more than computing the norms. Other loggers get their log_metrics."""
+    if isinstance(logger, TensorBoardLogger):
+        values = [Summary.Value(tag=tag, simple_value=value) for tag, value in metrics.items()]
+        logger.experiment._get_file_writer().add_summary(Summary(value=values), step)
+    else:
+        logger.log_metrics(metrics, step=step)
+
+
+def _count_nonfinite(tensor: Tensor) -> Tensor:
+    return tensor.isfinite().logical_not().sum()
 
 
 def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
