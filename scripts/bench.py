@@ -402,18 +402,6 @@ def contender_main(spec: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def gradwatch_monitor_key() -> bool:
-    """Whether the composed default config has `callbacks.gradient_monitor` (being written now)."""
-    code = (
-        "from hydra import compose, initialize_config_dir\n"
-        f"with initialize_config_dir(config_dir={str(CONF_DIR)!r}, version_base='1.3'):\n"
-        "    cfg = compose('config')\n"
-        "print('gradient_monitor' in (cfg.get('callbacks') or {}))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    return out.stdout.strip().endswith("True")
-
-
 def contenders(block: str, quick: bool, notes: list[str]) -> list[dict[str, Any]]:
     """Every contender of `block`: name, label, baseline (a name in the block), runner, params."""
     out: list[dict[str, Any]] = []
@@ -446,45 +434,28 @@ def contenders(block: str, quick: bool, notes: list[str]) -> list[dict[str, Any]
             base,
         )
         ep = [f"trainer.max_epochs={epochs}"]
-        if gradwatch_monitor_key():
-            add("gradwatch", "gradwatch defaults", "gradwatch", {"overrides": ep}, base)
-            add(
-                "gradwatch_nomon",
-                "gradwatch, callbacks.gradient_monitor=null",
-                "gradwatch",
-                {"overrides": ep + ["callbacks.gradient_monitor=null"]},
-                base,
-            )
-        else:
-            notes.append(
-                "tutorial: conf/ has no callbacks.gradient_monitor yet; 'gradwatch defaults' runs"
-                " without a monitor and 'gradwatch + monitor' adds it by override."
-            )
-            add(
-                "gradwatch",
-                "gradwatch defaults (no monitor in conf)",
-                "gradwatch",
-                {"overrides": ep},
-                base,
-            )
-            add(
-                "gradwatch_mon",
-                "gradwatch + GradientMonitor (override)",
-                "gradwatch",
-                {
-                    "overrides": ep
-                    + ["+callbacks.gradient_monitor._target_=gradwatch.monitor.GradientMonitor"]
-                },
-                base,
-            )
+        add("gradwatch", "gradwatch defaults", "gradwatch", {"overrides": ep}, base)
+        add(
+            "gradwatch_nomon",
+            "gradwatch, callbacks.gradient_monitor=null",
+            "gradwatch",
+            {"overrides": ep + ["callbacks.gradient_monitor=null"]},
+            base,
+        )
+        add(
+            "gradwatch_hist50",
+            "gradwatch, every histogram every 50 steps",
+            "gradwatch",
+            {"overrides": ep + ["callbacks.gradient_monitor.histogram_every_n_steps=50"]},
+            base,
+        )
         return out
 
     if block == "ablation":
         # Where gradwatch's tutorial run spends beyond a bare Trainer: one piece off at a time.
         epochs = 1000 if quick else 5000
         ep = [f"trainer.max_epochs={epochs}"]
-        has_monitor = gradwatch_monitor_key()
-        mon_off = ["callbacks.gradient_monitor=null"] if has_monitor else []
+        mon_off = ["callbacks.gradient_monitor=null"]
         add(
             "bare",
             "Lightning, bare Trainer",
@@ -494,7 +465,7 @@ def contenders(block: str, quick: bool, notes: list[str]) -> list[dict[str, Any]
         )
         variants = {
             "gw": ("gradwatch defaults", []),
-            "gw_no_monitor": ("gradwatch, monitor off", mon_off) if has_monitor else None,
+            "gw_no_monitor": ("gradwatch, monitor off", mon_off),
             "gw_no_logger": ("gradwatch, logger=none", ["logger=none"]),
             "gw_no_ckpt": ("gradwatch, checkpoint off", ["callbacks.checkpoint=null"]),
             "gw_no_console": ("gradwatch, console off", ["callbacks.console=null"]),
@@ -503,10 +474,8 @@ def contenders(block: str, quick: bool, notes: list[str]) -> list[dict[str, Any]
                 ["logger=none", "callbacks.checkpoint=null", "callbacks.console=null", *mon_off],
             ),
         }
-        for name, variant in variants.items():
-            if variant is not None:
-                label, extra = variant
-                add(name, label, "gradwatch", {"overrides": ep + extra}, "bare")
+        for name, (label, extra) in variants.items():
+            add(name, label, "gradwatch", {"overrides": ep + extra}, "bare")
         return out
 
     device = "cuda" if block == "gpu" else "cpu"
@@ -672,6 +641,25 @@ def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, 
         )
         check(
             "tutorial: gradwatch fit / plain loop", gw / plain if gw and plain else None, 4.5, "<="
+        )
+        # The monitor's own cost on the tutorial's run (issue 3): gradwatch with and without it.
+        nomon, hist = (
+            get("tutorial", "gradwatch_nomon", fit_m),
+            get("tutorial", "gradwatch_hist50", fit_m),
+        )
+        check(
+            "tutorial: monitor at defaults over gradwatch without it (fit)",
+            100 * (gw / nomon - 1) if gw and nomon else None,
+            3,
+            "<",
+            "%",
+        )
+        check(
+            "tutorial: every histogram every 50 steps over gradwatch without monitor (fit)",
+            100 * (hist / nomon - 1) if hist and nomon else None,
+            15,
+            "<",
+            "%",
         )
         gwp, plp = get("tutorial", "gradwatch", "process_s"), get("tutorial", "plain", "process_s")
         check(

@@ -11,7 +11,7 @@ import argparse
 import statistics
 
 import torch
-from bench import gradwatch_monitor_key, run_gradwatch, run_lightning_xor
+from bench import run_gradwatch, run_lightning_xor
 
 
 def main() -> None:
@@ -21,7 +21,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     ep = [f"trainer.max_epochs={args.epochs}"]
-    monitor = ["callbacks.gradient_monitor=null"] if gradwatch_monitor_key() else []
+    monitor = ["callbacks.gradient_monitor=null"]
     off = ["logger=none", "callbacks.checkpoint=null", "callbacks.console=null", *monitor]
     variants = {
         "Lightning bare Trainer": ("bare", []),
