@@ -39,6 +39,10 @@ _SHARDED_STRATEGIES = (
 )
 
 
+# A loss this fraction of its first logged value means training has converged: no vanishing alert.
+CONVERGED_LOSS_FRACTION = 1e-6
+
+
 class GradientAlert(UserWarning):
     """The category of the monitor's console alerts: filter them, or turn them into errors."""
 
@@ -210,6 +214,7 @@ class GradientMonitor(Callback):
         self._totals: deque[float] = deque(maxlen=self.exploding_window)
         self._vanishing_run: dict[str, int] = {}
         self._stall_losses: deque[float] = deque(maxlen=self.stall_patience)
+        self._first_loss: float | None = None
         self._episodes: dict[str, bool] = {}
         self._alert_counts: dict[str, dict[str, int]] = {}
         self._alerts: list[dict[str, Any]] = []
@@ -316,6 +321,7 @@ class GradientMonitor(Callback):
             "totals": list(self._totals),
             "vanishing_run": dict(self._vanishing_run),
             "stall_losses": list(self._stall_losses),
+            "first_loss": self._first_loss,
             "episodes": dict(self._episodes),
             "alert_counts": {k: dict(v) for k, v in self._alert_counts.items()},
             "alerts": list(self._alerts),
@@ -328,6 +334,7 @@ class GradientMonitor(Callback):
         self._totals.extend(state_dict["totals"])
         self._vanishing_run = dict(state_dict["vanishing_run"])
         self._stall_losses.extend(state_dict["stall_losses"])
+        self._first_loss = state_dict.get("first_loss")
         self._episodes = dict(state_dict["episodes"])
         self._alert_counts = {k: dict(v) for k, v in state_dict["alert_counts"].items()}
         self._alerts = list(state_dict["alerts"])
@@ -672,13 +679,25 @@ class GradientMonitor(Callback):
         if real_nonfinite and self.on_nonfinite == "stop":
             trainer.should_stop = True
 
+        # Converged: the loss a millionth of its first logged value. Gradients that small are the
+        # goal reached (Adam on XOR ends at a loss of 1e-13 or exactly 0), not vanishing layers.
+        if self._first_loss is None and loss is not None and math.isfinite(loss):
+            self._first_loss = loss
+        converged = (
+            loss is not None
+            and self._first_loss is not None
+            and abs(loss) <= CONVERGED_LOSS_FRACTION * abs(self._first_loss)
+        )
+
         # Vanishing: only relative to the rest of the network. When every layer is tiny together
         # (converged, or a too-small learning rate) that is the stall alert's story, not this one's.
         finite = [v for v in layer_norm.values() if math.isfinite(v)]
         median = statistics.median(finite) if finite else 0.0
         vanishing = []
         for lay, v in layer_norm.items():
-            low = v < self.vanishing_fraction * median or (v < self.vanishing_threshold <= median)
+            low = not converged and (
+                v < self.vanishing_fraction * median or v < self.vanishing_threshold <= median
+            )
             run = self._vanishing_run.get(lay, 0) + 1 if low and len(finite) > 1 else 0
             self._vanishing_run[lay] = run
             if self._episode(f"vanishing:{lay}", run >= self.vanishing_patience):
