@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
-from gradwatch.monitor import GradientAlert, GradientMonitor, _parameter_names
+from gradwatch.monitor import GradientAlert, GradientMonitor, _histc_, _parameter_names
 
 X_XOR = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
 Y_XOR = torch.tensor([[0.0], [1.0], [1.0], [0.0]])
@@ -503,6 +503,54 @@ def test_histograms_count_the_finite_values(tmp_path):
     assert list(h.bucket) == [0.0, *expected.tolist()]
     assert h.sum == pytest.approx(w.sum(), rel=1e-5, abs=1e-7)
     assert h.sum_squares == pytest.approx((w**2).sum(), rel=1e-5)
+
+
+def test_large_tensors_get_the_same_bins_as_torch_histc(tmp_path):
+    """Tensors of 4096 values and more are binned with bincount on CPU: the counts, min, max,
+    sum and sum of squares of a 2-4096-1 network, against torch.histc in plain PyTorch."""
+    recorder = Recorder()
+    trainer, _ = fit(
+        tmp_path,
+        GradientMonitor(histogram_every_n_steps=1),
+        module=lambda: Module(net=Net((2, 4096, 1))),
+        max_epochs=1,
+        extra_callbacks=[recorder],
+    )
+    hists = histograms(read_events(trainer.logger.log_dir))
+    torch.manual_seed(0)
+    net = Net((2, 4096, 1))
+    nn.functional.mse_loss(net(X_XOR), Y_XOR).backward()
+    for name, p in net.named_parameters():
+        assert torch.equal(p.detach(), recorder.weights[0][name])
+        for kind, t in (("grad", p.grad), ("weight", p.detach())):
+            h = hists[f"{kind}_hist/{name}"][0]
+            lo, hi = t.min().item(), t.max().item()
+            if lo == hi:  # fc2.bias, one value: one bucket
+                expected = [float(t.numel())]
+            else:
+                expected = torch.histc(t, bins=64, min=lo, max=hi).tolist()
+            assert (h.min, h.max, h.num) == (lo, hi, t.numel())
+            assert list(h.bucket) == [0.0, *expected], f"{kind} {name}"
+            assert h.sum == pytest.approx(t.double().sum().item(), rel=1e-5, abs=1e-9)
+            assert h.sum_squares == pytest.approx(t.double().square().sum().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1e-3, 1.0, 1e4])
+def test_bincount_path_equals_torch_histc(scale):
+    gen = torch.Generator().manual_seed(int(-math.log10(scale) + 10))
+    for n in (4096, 10_000, 100_003):
+        for dtype in (torch.float32, torch.float64):
+            x = (torch.randn(n, generator=gen) * scale).to(dtype)
+            lo, hi = x.min().item(), x.max().item()
+            for bins in (1, 7, 64):
+                got = _histc_(x.clone(), bins, lo, hi, finite=True)
+                assert torch.equal(got.long(), torch.histc(x, bins, lo, hi).long()), (n, bins)
+    # With NaN present the formula has no bin for it: histc itself is used, and skips it.
+    x = torch.randn(5000, generator=gen)
+    x[::7] = float("nan")
+    finite = x[x.isfinite()]
+    lo, hi = finite.min().item(), finite.max().item()
+    assert _histc_(x, 64, lo, hi, finite=False).sum().item() == finite.numel()
 
 
 def test_nonfinite_stop_names_the_first_bad_step(tmp_path):
