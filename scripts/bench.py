@@ -1,17 +1,19 @@
 """Benchmark gradwatch against plain PyTorch, bare and default Lightning, and other gradient tools.
 
-make bench                                  # every block this machine can run, 5 repeats
+make bench                                  # every block this machine can run, 7 repeats
 make bench ARGS="--quick"                   # 2 repeats, shorter runs: a smoke test, not a result
 .venv/bin/python scripts/bench.py --blocks tutorial,mid --repeats 7 --out outputs/bench
 
 Every contender runs in its own process (`bench.py --contender '<json>'`), contenders alternate
-within a block (ABCABC..., never AAABBB, so drifting machine load hits all of them alike), and the
-table shows medians and ratios against the block's baseline. A contender prints one JSON line with
-its own timings: `fit` is `trainer.fit` (for the plain loop: the loop), `loop` is the training
-steps alone (first step start to last step end, without the end-of-training work); the parent times
-the whole process (interpreter start and imports included). Every process runs with the same
-number of torch threads (`--threads`, default 1: the tutorial's "1 s on one CPU core", and the
-least sensitive to other load on a shared machine).
+within a block, in rounds (ABC CBA ABC..., never AAABBB, so drifting machine load hits all of them
+alike), and the table shows medians and ratios against the block's baseline. The targets compare
+two contenders by the median of their per-round ratios: a round's runs are seconds apart, so a
+slow minute on a shared machine cancels out of the ratio instead of landing on one side of it.
+A contender prints one JSON line with its own timings: `fit` is `trainer.fit` (for the plain
+loop: the loop), `loop` is the training steps alone (first step start to last step end, without the
+end-of-training work); the parent times the whole process (interpreter start and imports
+included). Every process runs with the same number of torch threads (`--threads`, default 1: the
+tutorial's "1 s on one CPU core", and the least sensitive to other load on a shared machine).
 
 Writes `bench_results.json` and `bench_results.md` under `--out` (default outputs/bench/).
 The top level imports only the standard library: the plain contender's process time is the
@@ -593,6 +595,9 @@ def summarize(specs: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]]
         row["n"] = len(good)
         row.update({f"{m}_s": v for m, v in med[s["key"]].items()})
         row["all"] = {m: [round(r[m], 4) for r in good] for m in METRICS}
+        row["rounds"] = {
+            m: [None if "error" in r else r[m] for r in runs[s["key"]]] for m in METRICS
+        }
         if ok:
             row["error"] = ok[-1]["error"]
         reported = [r["fit_reported"] for r in good if "fit_reported" in r]
@@ -607,6 +612,10 @@ def summarize(specs: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]]
         for m in METRICS:
             row[f"{m}_x"] = row[f"{m}_s"] / base[m] if base[m] else float("nan")
     return rows
+
+
+def pct(ratio: float | None) -> float | None:
+    return None if ratio is None else 100 * (ratio - 1)
 
 
 def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, bool | None, str]]:
@@ -626,45 +635,46 @@ def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, 
         ok = value <= limit if op == "<=" else value < limit if op == "<" else value >= limit
         out.append((name, ok, f"{value:.3g}{unit} (target {op} {limit:g}{unit})"))
 
-    def get(block: str, name: str, metric: str) -> float | None:
-        row = by.get((block, name))
-        return None if row is None or row.get("n", 0) == 0 else row[metric]
+    def ratio(block: str, a: str, b: str, metric: str) -> float | None:
+        """The median over rounds of a's time over b's in the same round."""
+        ra, rb = by.get((block, a)), by.get((block, b))
+        if ra is None or rb is None:
+            return None
+        m = metric.removesuffix("_s")
+        pairs = [x / y for x, y in zip(ra["rounds"][m], rb["rounds"][m], strict=True) if x and y]
+        return statistics.median(pairs) if pairs else None
 
     if any(r["block"] == "tutorial" for r in rows):
-        gw, bare = get("tutorial", "gradwatch", fit_m), get("tutorial", "bare", fit_m)
-        plain = get("tutorial", "plain", fit_m)
         check(
             "tutorial: gradwatch fit / bare Trainer fit",
-            gw / bare if gw and bare else None,
+            ratio("tutorial", "gradwatch", "bare", fit_m),
             1.25,
             "<=",
         )
         check(
-            "tutorial: gradwatch fit / plain loop", gw / plain if gw and plain else None, 4.5, "<="
+            "tutorial: gradwatch fit / plain loop",
+            ratio("tutorial", "gradwatch", "plain", fit_m),
+            4.5,
+            "<=",
         )
         # The monitor's own cost on the tutorial's run (issue 3): gradwatch with and without it.
-        nomon, hist = (
-            get("tutorial", "gradwatch_nomon", fit_m),
-            get("tutorial", "gradwatch_hist50", fit_m),
-        )
         check(
             "tutorial: monitor at defaults over gradwatch without it (fit)",
-            100 * (gw / nomon - 1) if gw and nomon else None,
+            pct(ratio("tutorial", "gradwatch", "gradwatch_nomon", fit_m)),
             3,
             "<",
             "%",
         )
         check(
             "tutorial: every histogram every 50 steps over gradwatch without monitor (fit)",
-            100 * (hist / nomon - 1) if hist and nomon else None,
+            pct(ratio("tutorial", "gradwatch_hist50", "gradwatch_nomon", fit_m)),
             15,
             "<",
             "%",
         )
-        gwp, plp = get("tutorial", "gradwatch", "process_s"), get("tutorial", "plain", "process_s")
         check(
             "tutorial: gradwatch process / plain script",
-            gwp / plp if gwp and plp else None,
+            ratio("tutorial", "gradwatch", "plain", "process_s"),
             4.0,
             "<=",
         )
@@ -673,30 +683,29 @@ def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, 
             continue
         # The monitor's per-step cost: the training steps alone (loop), not the one-off
         # end-of-training summary, which the fit column shows.
-        none = get(block, "none", loop_m)
-        mon, hist = get(block, "monitor", loop_m), get(block, "hist_50", loop_m)
-        recipe = get(block, "recipe", loop_m)
-
-        def pct(a: float | None, none: float | None = none) -> float | None:
-            return 100 * (a / none - 1) if a and none else None
-
-        check(f"{block}: monitor defaults over no monitor (loop)", pct(mon), 3, "<", "%")
+        check(
+            f"{block}: monitor defaults over no monitor (loop)",
+            pct(ratio(block, "monitor", "none", loop_m)),
+            3,
+            "<",
+            "%",
+        )
         check(
             f"{block}: all histograms every 50 steps over no monitor (loop)",
-            pct(hist),
+            pct(ratio(block, "hist_50", "none", loop_m)),
             15,
             "<",
             "%",
         )
         check(
             f"{block}: recipe / monitor defaults (loop)",
-            recipe / mon if recipe and mon else None,
+            ratio(block, "recipe", "monitor", loop_m),
             2,
             ">=",
         )
         check(
             f"{block}: recipe / histograms every 50 (loop)",
-            recipe / hist if recipe and hist else None,
+            ratio(block, "recipe", "hist_50", loop_m),
             2,
             ">=",
         )
@@ -713,8 +722,8 @@ def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, 
     if any(r["block"] == "depth" for r in rows):
 
         def over(d: int) -> float | None:
-            m, n = get("depth", f"monitor_{d}", loop_m), get("depth", f"none_{d}", loop_m)
-            return m / n - 1 if m and n else None
+            r = ratio("depth", f"monitor_{d}", f"none_{d}", loop_m)
+            return None if r is None else r - 1
 
         lo, hi = over(DEPTHS[0]), over(DEPTHS[-1])
         detail = (
@@ -737,7 +746,8 @@ def markdown(rows: list[dict[str, Any]], checks: list, meta: dict[str, Any]) -> 
     lines = [
         f"Machine: {meta['machine']}",
         f"Command: `{meta['command']}`",
-        f"Repeats: {meta['repeats']} (medians), torch threads: {meta['threads']},"
+        f"Repeats: {meta['repeats']} (medians; targets: medians of per-round ratios),"
+        f" torch threads: {meta['threads']},"
         f" targets on {meta['clock']} time, {meta['date']}",
         "",
     ]
@@ -794,7 +804,7 @@ def main() -> None:
         help="comma-separated: " + ", ".join(BLOCKS + EXTRA_BLOCKS),
     )
     parser.add_argument(
-        "--repeats", type=int, default=None, help="runs per contender (default 5; 2 with --quick)"
+        "--repeats", type=int, default=None, help="runs per contender (default 7; 2 with --quick)"
     )
     parser.add_argument(
         "--quick", action="store_true", help="fewer repeats and epochs: a smoke test"
@@ -822,7 +832,7 @@ def main() -> None:
         contender_main(json.loads(args.contender))
         return
 
-    repeats = args.repeats or (2 if args.quick else 5)
+    repeats = args.repeats or (2 if args.quick else 7)
     notes: list[str] = []
     if args.quick:
         notes.append("--quick: shorter runs and fewer repeats; a smoke test, not a result.")
@@ -843,7 +853,8 @@ def main() -> None:
     for block in dict.fromkeys(s["block"] for s in specs):
         in_block = [s for s in specs if s["block"] == block]
         for rep in range(repeats):
-            for s in in_block:  # ABCABC...: load drifts hit every contender alike
+            # ABC CBA ABC...: load drifts hit every contender alike, and none always runs first.
+            for s in in_block if rep % 2 == 0 else in_block[::-1]:
                 r = run_one(s, args.threads, args.timeout)
                 runs[s["key"]].append(r)
                 shown = (

@@ -1,0 +1,72 @@
+"""The benchmark's arithmetic: medians, ratios and targets from per-round timings (no timing)."""
+
+import bench
+
+
+def spec(block, name, baseline):
+    return {
+        "block": block,
+        "name": name,
+        "label": name,
+        "baseline": baseline,
+        "key": f"{block}/{name}",
+    }
+
+
+def run(seconds):
+    return {m: seconds for m in bench.METRICS}
+
+
+def mid_rows(none, monitor, hist, recipe):
+    names = ("none", "monitor", "hist_50", "recipe")
+    specs = [spec("mid", n, "none") for n in names]
+    runs = {
+        f"mid/{n}": [run(t) for t in times]
+        for n, times in zip(names, (none, monitor, hist, recipe), strict=True)
+    }
+    return bench.summarize(specs, runs)
+
+
+def test_table_shows_medians_and_ratios_of_medians():
+    rows = mid_rows([1.0, 2.0, 3.0], [1.5, 1.5, 9.0], [1.1, 2.2, 3.3], [4.0, 8.0, 12.0])
+    by = {r["name"]: r for r in rows}
+    assert by["none"]["loop_s"] == 2.0 and by["monitor"]["loop_s"] == 1.5
+    assert by["monitor"]["loop_x"] == 0.75
+    assert by["recipe"]["loop_x"] == 4.0
+
+
+def test_targets_use_the_median_of_per_round_ratios():
+    # The machine slows down 3x in round 2 for every contender alike: the medians of the
+    # contenders' own times would compare a fast run with a slow one, the rounds do not.
+    none = [1.00, 3.00, 1.02]
+    monitor = [1.02, 3.06, 1.0404]  # +2% in every round
+    hist = [1.10, 3.30, 1.122]  # +10%
+    recipe = [2.50, 7.50, 2.55]
+    checks = {
+        name: (ok, detail)
+        for name, ok, detail in bench.targets(mid_rows(none, monitor, hist, recipe))
+    }
+    ok, detail = checks["mid: monitor defaults over no monitor (loop)"]
+    assert ok and detail.startswith("2%")
+    ok, detail = checks["mid: all histograms every 50 steps over no monitor (loop)"]
+    assert ok and detail.startswith("10%")
+    ok, detail = checks["mid: recipe / monitor defaults (loop)"]
+    assert ok and detail.startswith("2.45x")
+
+
+def test_a_target_fails_and_a_failed_run_is_left_out_of_its_round():
+    none = [1.0, 1.0, 1.0]
+    monitor = [1.05, 1.05, 1.05]  # +5%: over the 3% target
+    rows = mid_rows(none, monitor, [1.1] * 3, [1.5] * 3)
+    checks = {name: (ok, detail) for name, ok, detail in bench.targets(rows)}
+    assert checks["mid: monitor defaults over no monitor (loop)"][0] is False
+    assert checks["mid: recipe / monitor defaults (loop)"][0] is False  # 1.43x < 2x
+    specs = [spec("mid", "none", "none"), spec("mid", "monitor", "none")]
+    runs = {
+        "mid/none": [run(1.0), {"error": "exit 1"}, run(1.0)],
+        "mid/monitor": [run(1.02), run(9.0), run(1.02)],
+    }
+    rows = bench.summarize(specs, runs)
+    checks = {name: (ok, detail) for name, ok, detail in bench.targets(rows)}
+    ok, detail = checks["mid: monitor defaults over no monitor (loop)"]
+    assert ok and detail.startswith("2%")
