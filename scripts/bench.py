@@ -117,6 +117,31 @@ class LoopClock:
 CLOCK = LoopClock()
 
 
+class MonitorHookTimer:
+    """Wall time inside the GradientMonitor's per-step hooks, in this process: the monitor's own
+    share of the very run that is timed. Lightning's dispatch of the hooks (a few us a step, paid
+    by any callback) and the TensorBoard writer thread's work are outside it; the side-by-side
+    ratios include them."""
+
+    seconds = 0.0
+
+    @classmethod
+    def install(cls) -> None:
+        from gradwatch.monitor import GradientMonitor
+
+        for name in ("on_before_optimizer_step", "on_train_batch_end"):
+            hook = getattr(GradientMonitor, name)
+
+            def timed(self: Any, *args: Any, _hook: Any = hook) -> None:
+                start = time.perf_counter()
+                try:
+                    _hook(self, *args)
+                finally:
+                    cls.seconds += time.perf_counter() - start
+
+            setattr(GradientMonitor, name, timed)
+
+
 class _OneBatch:
     """A list of batches as one loader: iterating gives the list's items, nothing else."""
 
@@ -256,7 +281,13 @@ def run_gradwatch(p: dict[str, Any]) -> dict[str, float]:
     pl.Trainer.fit = trainer_fit
     MLPModule.on_train_batch_start, MLPModule.on_train_batch_end = batch_start, batch_end
     fit = fit_times[-1]
-    return {"fit": fit, "fit_reported": metrics["fit_seconds"], "loop": loop, "loop_cpu": cpu}
+    return {
+        "fit": fit,
+        "fit_reported": metrics["fit_seconds"],
+        "loop": loop,
+        "loop_cpu": cpu,
+        "monitor_hooks": MonitorHookTimer.seconds,
+    }
 
 
 def _synthetic(n: int, n_in: int, n_out: int, device: str) -> tuple[Any, Any]:
@@ -376,6 +407,7 @@ def run_monitored(p: dict[str, Any]) -> dict[str, float]:
         if kind == "wandb":
             wandb.finish()
     out = {"fit": fit, "loop": CLOCK.seconds, "loop_cpu": CLOCK.cpu_seconds}
+    out["monitor_hooks"] = MonitorHookTimer.seconds
     if p.get("sync_check"):
         out["sync_checked_steps"] = next(
             c for c in callbacks if type(c).__name__ == "SyncGuard"
@@ -395,6 +427,8 @@ def contender_main(spec: dict[str, Any]) -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    if spec["runner"] in ("gradwatch", "monitored"):
+        MonitorHookTimer.install()
     result = RUNNERS[spec["runner"]](spec["params"])
     print(MARK + json.dumps(result), flush=True)
 
@@ -603,6 +637,9 @@ def summarize(specs: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]]
         reported = [r["fit_reported"] for r in good if "fit_reported" in r]
         if reported:  # gradwatch's own fit_seconds (metrics.json), for comparison
             row["fit_reported_s"] = statistics.median(reported)
+        hooks = [100 * r["monitor_hooks"] / r["loop"] for r in good if r.get("monitor_hooks")]
+        if hooks:  # the monitor's own hooks, as a share of the same run's loop
+            row["monitor_hooks_pct"] = statistics.median(hooks)
         for r in good:
             if "sync_checked_steps" in r:
                 row["sync_checked_steps"] = r["sync_checked_steps"]
@@ -635,6 +672,18 @@ def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, 
         ok = value <= limit if op == "<=" else value < limit if op == "<" else value >= limit
         out.append((name, ok, f"{value:.3g}{unit} (target {op} {limit:g}{unit})"))
 
+    def in_hooks(block: str, name: str) -> None:
+        """Appends to the last check the monitor's in-run share of the loop (a lower bound of
+        its cost that other load on the machine cannot inflate)."""
+        pct = by.get((block, name), {}).get("monitor_hooks_pct")
+        if pct is not None and out:
+            name_, ok, detail = out[-1]
+            out[-1] = (
+                name_,
+                ok,
+                f"{detail}; in-run, the monitor's hooks took {pct:.2f}% of the loop",
+            )
+
     def ratio(block: str, a: str, b: str, metric: str) -> float | None:
         """The median over rounds of a's time over b's in the same round."""
         ra, rb = by.get((block, a)), by.get((block, b))
@@ -665,6 +714,7 @@ def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, 
             "<",
             "%",
         )
+        in_hooks("tutorial", "gradwatch")
         check(
             "tutorial: every histogram every 50 steps over gradwatch without monitor (fit)",
             pct(ratio("tutorial", "gradwatch_hist50", "gradwatch_nomon", fit_m)),
@@ -672,6 +722,7 @@ def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, 
             "<",
             "%",
         )
+        in_hooks("tutorial", "gradwatch_hist50")
         check(
             "tutorial: gradwatch process / plain script",
             ratio("tutorial", "gradwatch", "plain", "process_s"),
@@ -690,6 +741,7 @@ def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, 
             "<",
             "%",
         )
+        in_hooks(block, "monitor")
         check(
             f"{block}: all histograms every 50 steps over no monitor (loop)",
             pct(ratio(block, "hist_50", "none", loop_m)),
@@ -697,6 +749,7 @@ def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, 
             "<",
             "%",
         )
+        in_hooks(block, "hist_50")
         check(
             f"{block}: recipe / monitor defaults (loop)",
             ratio(block, "recipe", "monitor", loop_m),
@@ -755,11 +808,14 @@ def markdown(rows: list[dict[str, Any]], checks: list, meta: dict[str, Any]) -> 
         lines += [
             f"### {block}",
             "",
-            "| contender | fit s | x | loop s | x | loop CPU s | x | process s | x |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| contender | fit s | x | loop s | x | loop CPU s | x | process s | x"
+            " | monitor hooks, % of loop |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in (r for r in rows if r["block"] == block):
             cells = [f"{r[f'{m}_s']:.3f} | {r[f'{m}_x']:.2f}" for m in METRICS]
+            hooks = r.get("monitor_hooks_pct")
+            cells.append("-" if hooks is None else f"{hooks:.2f}")
             note = " (failed)" if r["n"] == 0 else ""
             lines.append(f"| {r['label']}{note} | " + " | ".join(cells) + " |")
         lines.append("")
