@@ -87,3 +87,20 @@ def test_in_run_ab_takes_the_typical_pair_and_weighs_the_histogram_pairs():
     times[5] = 3.0
     inter.starts = [sum(times[:i]) for i in range(20)]
     assert inter.overhead_pct(end=sum(times)) == pytest.approx(7.0)
+
+
+def test_in_run_ab_leaves_out_pairs_where_an_epoch_starts():
+    """Epochs of 469 steps start at steps 469 and 938: their set-up (a 140 ms shuffle) lands in
+    the blocks of steps 468 and 937 (blocks 9 and 18, both without the monitor). Block 18 pairs
+    with block 19, the only one with the monitor and a histogram step (999): counted, its pair
+    alone would make the estimate -6%."""
+    inter = bench.Interleaver(block=50, hist_every=500, epoch_steps=469)
+    inter.on = [(i % 2 == 0) == ((i // 2) % 2 == 0) for i in range(20)]
+    times = [1.03 if on else 1.0 for on in inter.on]
+    times[19] += 0.5
+    times[9] += 1.4
+    times[18] += 1.4
+    inter.starts = [sum(times[:i]) for i in range(20)]
+    assert inter.overhead_pct(end=sum(times)) == pytest.approx(3.0)
+    # Tutorial-like one-step epochs are shorter than a block: nothing is left out.
+    assert bench.Interleaver(block=50, hist_every=0, epoch_steps=1).epoch_steps == 0
