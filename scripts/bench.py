@@ -164,19 +164,20 @@ class Interleaver:
         self.epoch_steps = epoch_steps if epoch_steps > block else 0
         # noop: a Callback that does nothing takes the monitor's place, in and out by the same
         # turns: what Lightning's dispatch of any callback's hooks costs.
-        self.noop = noop
         self.monitor: Any = None
-        self.starts: list[float] = []
-        self.on: list[bool] = []
-
-    def step_start(self, trainer: Any, step: int) -> None:
-        if step % self.block:
-            return
-        if self.monitor is None and self.noop:
+        if noop:
             from lightning.pytorch import Callback
 
             self.monitor = Callback()
-        elif self.monitor is None:
+        self.starts: list[float] = []
+        self.on: list[bool] = []
+
+    def step_start(self, trainer: Any) -> None:
+        """Called from the module's own on_train_batch_start, at every step."""
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if step % self.block:
+            return
+        if self.monitor is None:
             from gradwatch.monitor import GradientMonitor
 
             self.monitor = next(c for c in trainer.callbacks if isinstance(c, GradientMonitor))
@@ -330,9 +331,7 @@ def run_gradwatch(p: dict[str, Any]) -> dict[str, float]:
 
     def timed_start(self: Any, *args: Any) -> Any:
         if interleave is not None:
-            interleave.step_start(
-                self.trainer, self.trainer.fit_loop.epoch_loop._batches_that_stepped
-            )
+            interleave.step_start(self.trainer)
         CLOCK.batch_start()
         return batch_start(self, *args)
 
@@ -440,8 +439,7 @@ def run_monitored(p: dict[str, Any]) -> dict[str, float]:
 
         def on_train_batch_start(self, batch, batch_idx) -> None:  # noqa: ANN001
             if interleave is not None:
-                step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
-                interleave.step_start(self.trainer, step)
+                interleave.step_start(self.trainer)
             CLOCK.batch_start()
 
         def on_train_batch_end(self, outputs, batch, batch_idx) -> None:  # noqa: ANN001

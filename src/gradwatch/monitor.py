@@ -544,11 +544,10 @@ class GradientMonitor(Callback):
             if lo == hi:
                 counts.append(torch.full((1,), num, dtype=torch.float64, device=tensor.device))
                 continue
-            x = tensor.reshape(-1)
+            x = tensor
             if deterministic and x.device.type == "cuda":
                 x = x.cpu()  # `torch.histc` has no deterministic CUDA kernel
-            if x.dtype not in (torch.float32, torch.float64):
-                x = x.float()
+            x = _flat_float(x)
             counts.append(_histc_(x, self.bins, lo, hi, finite=num == x.numel()).double())
         if not counts:
             return []
@@ -1001,14 +1000,18 @@ def _copy(tensors: list[Tensor]) -> list[Tensor]:
     return out
 
 
+def _flat_float(tensor: Tensor) -> Tensor:
+    """The values as one flat float32 or float64 tensor (half precision counts and sums in fp32)."""
+    x = tensor.detach().reshape(-1)
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _fast_stats(tensors: list[Tensor]) -> list[Tensor]:
     """Per tensor: min, max and sum (two passes); NaN or Inf make them non-finite, and then
     `_finite_stats` takes over on the host."""
     mins, maxs, sums = [], [], []
     for t in tensors:
-        x = t.detach().reshape(-1)
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
+        x = _flat_float(t)
         lo, hi = torch.aminmax(x) if x.numel() else (x.new_zeros(()), x.new_zeros(()))
         mins.append(lo)
         maxs.append(hi)
@@ -1020,9 +1023,7 @@ def _finite_stats(tensors: list[Tensor]) -> list[Tensor]:
     """Per tensor, over its finite values: min, max, count, sum and sum of squares."""
     mins, maxs, counts, sums, sumsqs = [], [], [], [], []
     for t in tensors:
-        x = t.detach().reshape(-1)
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
+        x = _flat_float(t)
         finite = x.isfinite()
         zeroed = torch.where(finite, x, 0.0)
         mins.append(torch.where(finite, x, math.inf).amin() if x.numel() else x.new_zeros(()))
