@@ -162,3 +162,33 @@ def test_make_passes_overrides_straight_to_hydra():
         "seed=3",
         "trainer.max_epochs=2000",
     ]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_run_logs_what_the_cpu_run_logs(make_cfg, tmp_path):
+    """`trainer=gpu`: the same seed gives the same tags, the same norms (to float precision) and
+    histograms whose counts sum to each tensor's size, read back from the event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def run(name: str, *overrides: str) -> EventAccumulator:
+        cfg = make_cfg("trainer.max_epochs=200", "trainer.log_every_n_steps=10", *overrides)
+        cfg.paths.output_dir = str(tmp_path / name)
+        train(cfg)
+        acc = EventAccumulator(str(tmp_path / name), size_guidance={"scalars": 0, "histograms": 0})
+        acc.Reload()
+        return acc
+
+    cpu, gpu = run("cpu"), run("gpu", "trainer=gpu")
+    assert cpu.Tags()["scalars"] == gpu.Tags()["scalars"]
+    assert cpu.Tags()["histograms"] == gpu.Tags()["histograms"] != []
+    for tag in cpu.Tags()["scalars"]:
+        if tag.startswith(("grad_norm/", "weight_norm/", "train/loss")):
+            want = [(e.step, e.value) for e in cpu.Scalars(tag)]
+            got = [(e.step, e.value) for e in gpu.Scalars(tag)]
+            assert [s for s, _ in got] == [s for s, _ in want], tag
+            assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-4), tag
+    sizes = {"fc1.weight": 4, "fc1.bias": 2, "fc2.weight": 2, "fc2.bias": 1}
+    for tag in gpu.Tags()["histograms"]:
+        for event in gpu.Histograms(tag):
+            assert event.histogram_value.num == sizes[tag.split("/", 1)[1]], tag
