@@ -6,7 +6,7 @@
 set -u
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-outputs/gpu_check}
-REPEATS=${REPEATS:-3}
+REPEATS=${REPEATS:-3}  # BENCH_ARGS="--only monitor,..." narrows the bench; BENCH_LIMIT its seconds
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 step() {  # step NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, say how it ended
@@ -23,4 +23,4 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 "$PY" -c "import sys, torch, lightning, tensorboard; print(sys.version.split()[0], torch.__version__, lightning.__version__, tensorboard.__version__, torch.cuda.get_device_name())"
 step tests 150 "$PY" -m pytest -q -p no:cacheprovider -k "gpu or cuda" tests/
 step train 90 "$PY" -m gradwatch.train trainer=gpu "paths.root=$OUT/runs"
-step bench 300 "$PY" scripts/bench.py --blocks gpu --repeats "$REPEATS" --out "$OUT"
+step bench "${BENCH_LIMIT:-300}" "$PY" scripts/bench.py --blocks gpu --repeats "$REPEATS" --out "$OUT" ${BENCH_ARGS:-}

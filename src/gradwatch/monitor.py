@@ -417,11 +417,12 @@ class GradientMonitor(Callback):
             parts.append(self._first_bad_step.reshape(1))
             self._first_bad_step = None
         # Optimizers that unscale inside `step()` (fused ones) leave the hook scaled gradients:
-        # Lightning does not unscale them, so divide by the scaler's scale (on the host).
+        # Lightning does not unscale them, so divide by the scaler's scale (on the host). A copy:
+        # `scaler.update()` changes the scale in place before the transfer (halved on overflow).
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             keys.append(("scale", ""))
-            parts.append(scaler._get_scale_async().reshape(1))
+            parts.append(scaler._get_scale_async().detach().clone().reshape(1))
         pending["scaler"] = scaler is not None
         return pending
 
