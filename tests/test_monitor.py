@@ -311,6 +311,47 @@ def test_plain_sgd_norms_equal_weight_steps_over_lr(tmp_path):
         assert values["grad_nonfinite/total"][k] == 0
 
 
+class MixedNet(nn.Module):
+    """Layers of two dtypes, float64 ones on both sides of a float32 one: the monitor's
+    one-kernel-per-dtype groups hold the parameters in another order than the model does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(2, 3).double()
+        self.fc2 = nn.Linear(3, 3)
+        self.fc3 = nn.Linear(3, 1).double()
+
+    def forward(self, x):
+        hidden = torch.sigmoid(self.fc2(torch.sigmoid(self.fc1(x.double())).float()))
+        return self.fc3(hidden.double()).float()
+
+
+def test_mixed_dtypes_keep_every_value_with_its_parameter(tmp_path):
+    recorder = Recorder()
+    trainer, _ = fit(
+        tmp_path,
+        GradientMonitor(histogram_every_n_steps=1),
+        module=lambda: Module(net=MixedNet(), optimizer=lambda p: torch.optim.SGD(p, lr=0.5)),
+        max_epochs=3,
+        extra_callbacks=[recorder],
+    )
+    acc = read_events(trainer.logger.log_dir)
+    values, hists = scalars(acc), histograms(acc)
+    w = recorder.weights
+    for k in range(3):
+        for n in w[k]:
+            g = (w[k][n] - w[k + 1][n]) / 0.5
+            assert values[f"grad_norm/{n}"][k] == pytest.approx(g.norm().item(), rel=1e-4), n
+            assert values[f"weight_norm/{n}"][k] == pytest.approx(w[k][n].norm().item(), rel=1e-6)
+            assert hists[f"weight_hist/{n}"][k].num == w[k][n].numel()
+            assert hists[f"weight_hist/{n}"][k].max == pytest.approx(w[k][n].max().item())
+        for layer in ("fc1", "fc2", "fc3"):
+            before = torch.cat([w[k][f"{layer}.{p}"].flatten() for p in ("weight", "bias")])
+            after = torch.cat([w[k + 1][f"{layer}.{p}"].flatten() for p in ("weight", "bias")])
+            ratio = ((after - before).norm() / before.norm()).item()
+            assert values[f"update_ratio/{layer}"][k] == pytest.approx(ratio, rel=1e-5), layer
+
+
 def plain_sgd(steps, lr, clip=None, batches=None):
     """The tutorial's loop in plain PyTorch: the gradient before clipping at every step."""
     torch.manual_seed(0)

@@ -170,6 +170,7 @@ def test_every_optimizer_passes(check, option):
         ["optimizer.lr=1e-3", "optimizer.momentum=0.9", "data.batch_size=2"],
         ["trainer.max_epochs=1", "print_every=0", "trainer.check_val_every_n_epoch=null"],
         ["callbacks.checkpoint=null", "logger=none"],
+        ["trainer.profiler=simple"],
     ],
 )
 def test_good_values_pass(check, overrides):
@@ -211,6 +212,7 @@ BAD_VALUES = [
     ("model.loss=hinge", "model.loss='hinge'", f"one of {LOSSES}"),
     ("data.name=mnist", "data.name='mnist'", f"one of {DATASETS}"),
     ("trainer.accelerator=tpuu", "trainer.accelerator='tpuu'", "one of ['auto', 'cpu',"),
+    ("trainer.profiler=fast", "trainer.profiler='fast'", "one of [None, 'simple', 'advanced',"),
 ]
 
 

@@ -27,6 +27,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from gradwatch.overhead import use_fast_crc32c
+
 _NONFINITE_POLICIES = ("warn", "stop")
 _STATS = ("min", "max", "count", "sum", "sumsq")
 # Taken on device for histograms; the count and the sum of squares follow from the numel and the
@@ -206,6 +208,7 @@ class GradientMonitor(Callback):
         self._tb: TensorBoardLogger | None = None
         self._names: dict[int, str] = {}
         self._pending: list[dict[str, Any]] = []
+        self._plans: dict[tuple[int, bool], _Plan] = {}
         self._step: int = -1
         self._write_scalars = False
         self._write_hist = False
@@ -257,6 +260,8 @@ class GradientMonitor(Callback):
         else:
             self._hist_every = self.histogram_every_n_steps
         self._tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if self._tb is not None:
+            use_fast_crc32c()  # histograms are kilobytes: checksum them in C (gradwatch.overhead)
         if self._hist_every and self._tb is None:
             others = ", ".join(type(lg).__name__ for lg in trainer.loggers)
             rank_zero_warn(
@@ -267,6 +272,7 @@ class GradientMonitor(Callback):
             )
             self._hist_every = 0
         self._names = _parameter_names(pl_module)
+        self._plans = {}
 
     @override
     def on_before_optimizer_step(
@@ -364,66 +370,67 @@ class GradientMonitor(Callback):
         first = self._first_bad_step
         self._first_bad_step = torch.where(bad & (first < 0), step, first)
 
+    def _plan(
+        self, trainer: "pl.Trainer", optimizer: Optimizer, params: list[Tensor], hist: bool
+    ) -> "_Plan":
+        """The optimizer's plan, reused while its parameters, which of them have gradients and the
+        kind of step stay the same (on every logging step of a usual run)."""
+        key = (id(optimizer), hist)
+        plan = self._plans.get(key)
+        if plan is None or not plan.fits(params):
+            plan = _Plan(self, trainer, optimizer, params, hist)
+            self._plans[key] = plan
+        return plan
+
     def _collect(
         self, trainer: "pl.Trainer", optimizer: Optimizer, params: list[Tensor], hist: bool
     ) -> dict[str, Any]:
         """Computes, on the gradients' device, every statistic of ``params`` that must be taken
         before clipping and the optimizer step; nothing is moved to the host here."""
-        named = [(self._name(p, i), p) for i, p in enumerate(params)]
-        clipping = bool(trainer.gradient_clip_val)
-        with_grad = [(n, p) for n, p in named if p.grad is not None]
-        keys: list[tuple[str, str]] = []
+        plan = self._plan(trainer, optimizer, params, hist)
         parts: list[Tensor] = []
-        name_of = {id(p): n for n, p in named}
-        for _, group in _by_device_dtype([p for _, p in with_grad]):
-            names = [name_of[id(p)] for p in group]
-            grads = [p.grad for p in group]
+        grads: list[Tensor] = []
+        for group in plan.grad_groups:
+            group_grads = [p.grad for p in group]
+            grads += group_grads
             for ord_ in self.norm_types:
-                keys += [(f"norm{ord_}", n) for n in names]
-                parts.append(torch.stack(_norms(grads, ord_)))
-            if clipping:
+                parts.append(torch.stack(_norms(group_grads, ord_)))
+            if plan.clipping:
                 # Clipping rescales NaN/Inf gradients in place after this hook (a NaN total
                 # turns every value NaN): count them now, while they are the model's.
-                keys += [("nonfinite", n) for n in names]
-                parts.append(torch.stack([_count_nonfinite(g) for g in grads]))
+                parts.append(torch.stack([_count_nonfinite(g) for g in group_grads]).double())
             if hist:
-                keys += [(f"grad_{stat}", n) for stat in _FAST_STATS for n in names]
-                parts += _fast_stats(grads)
-        for _, group in _by_device_dtype([p for _, p in named]):
-            names = [name_of[id(p)] for p in group]
+                parts += _fast_stats(group_grads)
+        snapshots: list[list[Tensor]] = []
+        for group in plan.weight_groups:
             weights = [p.detach() for p in group]
-            if self.log_weight_norms or self.log_update_ratio or hist:
-                keys += [("weight_norm", n) for n in names]
+            if plan.weight_norms:
                 parts.append(torch.stack(_norms(weights, 2.0)))
             if hist:
-                keys += [(f"weight_{stat}", n) for stat in _FAST_STATS for n in names]
                 parts += _fast_stats(weights)
-        pending: dict[str, Any] = {"names": [n for n, _ in with_grad], "keys": keys, "parts": parts}
-        if not clipping:
-            # Counting NaN/Inf costs a pass over every gradient; a finite norm already says
-            # there are none, so count after the transfer, and only where a norm is not finite.
-            pending["uncounted"] = {name_of[id(p)]: p.grad for _, p in with_grad}
-        pending["all_names"] = [n for n, _ in named]
-        if self.log_update_ratio or hist:
-            # A copy of the weights before the step: foreach ops, one kernel per device and dtype.
-            pending["params"] = [p for _, p in named]
-            pending["snapshot"] = _copy([p.detach() for _, p in named])
+            if plan.snapshot:
+                # A copy of the weights before the step: one foreach op per device and dtype.
+                snapshots.append(list(torch._foreach_mul(weights, 1)))
+        keys = plan.keys
+        pending: dict[str, Any] = {"plan": plan, "keys": keys, "parts": parts, "grads": grads}
+        if snapshots:
+            pending["snapshots"] = snapshots
         if hist:
             # Clipping (and the module's own hook) may change the gradients in place after this
             # hook; the histograms must show the same gradients as the norms.
-            pending["grads"] = _copy([p.grad for _, p in with_grad])
+            pending["grad_copies"] = _copy(grads)
         if self.on_nonfinite == "stop" and self._first_bad_step is not None:
-            keys.append(("first_bad_step", ""))
-            parts.append(self._first_bad_step.reshape(1))
+            keys = [*keys, ("first_bad_step", "")]
+            parts.append(self._first_bad_step.reshape(1).double())
             self._first_bad_step = None
-        # Optimizers that unscale inside `step()` (fused ones) leave the hook scaled gradients:
-        # Lightning does not unscale them, so divide by the scaler's scale (on the host). A copy:
-        # `scaler.update()` changes the scale in place before the transfer (halved on overflow).
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            keys.append(("scale", ""))
-            parts.append(scaler._get_scale_async().detach().clone().reshape(1))
-        pending["scaler"] = scaler is not None
+        if plan.unscale:
+            # Optimizers that unscale inside `step()` (fused ones) leave the hook scaled
+            # gradients: Lightning does not unscale them, so divide by the scaler's scale (on the
+            # host). A copy: `scaler.update()` changes the scale in place before the transfer
+            # (halved on an overflow).
+            keys = [*keys, ("scale", "")]
+            parts.append(plan.scaler._get_scale_async().detach().clone().reshape(1))
+        pending["keys"] = keys
         return pending
 
     def _finish(self, trainer: "pl.Trainer", pending: list[dict[str, Any]], loss: Any) -> None:
@@ -433,16 +440,22 @@ class GradientMonitor(Callback):
         for item in pending:
             keys += item["keys"]
             parts += item["parts"]
-            if "snapshot" in item and self.log_update_ratio:
-                deltas = torch._foreach_sub([p.detach() for p in item["params"]], item["snapshot"])
-                keys += [("update", n) for n in item["all_names"]]
-                parts.append(torch.stack(_all_norms(deltas, 2.0)))
+            if "snapshots" in item and self.log_update_ratio:
+                groups = item["plan"].weight_groups
+                for group, snapshot in zip(groups, item["snapshots"], strict=True):
+                    deltas = torch._foreach_sub([p.detach() for p in group], snapshot)
+                    parts.append(torch.stack(_norms(deltas, 2.0)))
+                keys += item["plan"].update_keys
         clip = trainer.gradient_clip_val
         if clip:
             # Lightning clips after this callback's hook; the gradients still hold the clipped
             # values until the next step's zero_grad, so measure them rather than model clipping.
             grads = [
-                p.grad for item in pending for p in item.get("params", []) if p.grad is not None
+                p.grad
+                for item in pending
+                for group in item["plan"].weight_groups
+                for p in group
+                if p.grad is not None
             ]
             if not grads:
                 grads = [
@@ -462,15 +475,18 @@ class GradientMonitor(Callback):
         if not parts:
             return
         device = parts[0].device
-        dtype = torch.float32 if device.type == "mps" else torch.float64
-        # The one device-to-host transfer of the step.
-        flat = torch.cat([p.reshape(-1).to(device=device, dtype=dtype) for p in parts]).tolist()
+        if any(p.device != device for p in parts):
+            parts = [p.to(device) for p in parts]
+        # The one device-to-host transfer of the step. Every part is 1-D; cat promotes float32
+        # norms to float64 where a part is float64 (statistics, counts), and a float32's
+        # Python float is exact either way.
+        flat = torch.cat(parts).tolist()
         values: dict[tuple[str, str], float] = dict(zip(keys, flat, strict=True))
         self._count_nonfinite_where_needed(pending, values)
         scale = values.get(("scale", ""), 1.0)
-        names = [n for item in pending for n in item["names"]]
-        all_names = [n for item in pending for n in item["all_names"]]
-        scaler = any(item["scaler"] for item in pending)
+        names = [n for item in pending for n in item["plan"].grad_names]
+        all_names = [n for item in pending for n in item["plan"].all_names]
+        scaler = any(item["plan"].scaler is not None for item in pending)
         metrics = self._analyse(trainer, values, names, all_names, scale, scaler)
         if not trainer.is_global_zero:
             # Other ranks hold the same all-reduced gradients: they keep the same alert state (so
@@ -488,15 +504,15 @@ class GradientMonitor(Callback):
     ) -> None:
         """NaN/Inf counts of the gradients whose norm is not finite (a second transfer, on such
         steps only); every other gradient has none."""
-        bad = {
-            n: g
+        uncounted = [
+            (n, g)
             for item in pending
-            for n, g in item.get("uncounted", {}).items()
-            if not math.isfinite(values[("norm2.0", n)])
-        }
-        for item in pending:
-            for n in item.get("uncounted", {}):
-                values[("nonfinite", n)] = 0.0
+            if not item["plan"].clipping
+            for n, g in zip(item["plan"].grad_names, item["grads"], strict=True)
+        ]
+        bad = {n: g for n, g in uncounted if not math.isfinite(values[("norm2.0", n)])}
+        for n, _ in uncounted:
+            values[("nonfinite", n)] = 0.0
         if bad:
             counts = [_count_nonfinite(g).item() for g in bad.values()]
             values.update(zip([("nonfinite", n) for n in bad], counts, strict=True))
@@ -524,13 +540,14 @@ class GradientMonitor(Callback):
         the step's copies of the gradients and weights (binning overwrites them)."""
         jobs: list[tuple[str, str, Tensor]] = []
         for item in pending:
-            if "grads" not in item:
+            if "grad_copies" not in item:
                 continue
-            for n, g in zip(item["names"], item["grads"], strict=True):
+            plan = item["plan"]
+            for n, g in zip(plan.grad_names, item["grad_copies"], strict=True):
                 jobs.append(("grad", n, g))
-            for n, w in zip(item["all_names"], item["snapshot"], strict=True):
-                if ("weight_min", n) in values:
-                    jobs.append(("weight", n, w))
+            snapshots = [w for group in item["snapshots"] for w in group]
+            for n, w in zip(plan.weight_names, snapshots, strict=True):
+                jobs.append(("weight", n, w))
         self._complete_stats(jobs, values)
         scale = values.get(("scale", ""), 1.0)
         counts: list[Tensor] = []
@@ -600,7 +617,7 @@ class GradientMonitor(Callback):
             )
             for tag, lo, hi, num, total, sumsq, limits, counts in hists
         ]
-        _write_summary(self._tb, values, step)
+        _write_summary(self._tb, Summary(value=values), step)
 
     # ------------------------------------------------------------------------------------------
     # On the host: metrics, alerts, history
@@ -871,6 +888,62 @@ class GradientMonitor(Callback):
         fig.savefig(path, dpi=100)
 
 
+class _Plan:
+    """What a logging step computes for one optimizer's parameters, worked out once: names,
+    groups of one device and dtype (one foreach kernel each), the keys of the packed values in
+    the order they are computed, and the optimizer's relation to a GradScaler."""
+
+    def __init__(
+        self,
+        monitor: GradientMonitor,
+        trainer: "pl.Trainer",
+        optimizer: Optimizer,
+        params: list[Tensor],
+        hist: bool,
+    ) -> None:
+        self.params = list(params)
+        self.has_grad = [p.grad is not None for p in params]
+        names = {id(p): monitor._name(p, i) for i, p in enumerate(params)}
+        self.all_names = [names[id(p)] for p in params]
+        self.clipping = bool(trainer.gradient_clip_val)
+        self.weight_norms = monitor.log_weight_norms or monitor.log_update_ratio or hist
+        self.snapshot = monitor.log_update_ratio or hist
+        self.scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.unscale = self.scaler is not None and getattr(
+            optimizer, "_step_supports_amp_scaling", False
+        )
+        with_grad = [p for p in params if p.grad is not None]
+        self.grad_groups = [group for _, group in _by_device_dtype(with_grad)]
+        self.weight_groups = [group for _, group in _by_device_dtype(self.params)]
+        self.grad_names = [names[id(p)] for group in self.grad_groups for p in group]
+        self.weight_names = [names[id(p)] for group in self.weight_groups for p in group]
+        keys: list[tuple[str, str]] = []
+        for group in self.grad_groups:
+            group_names = [names[id(p)] for p in group]
+            for ord_ in monitor.norm_types:
+                keys += [(f"norm{ord_}", n) for n in group_names]
+            if self.clipping:
+                keys += [("nonfinite", n) for n in group_names]
+            if hist:
+                keys += [(f"grad_{stat}", n) for stat in _FAST_STATS for n in group_names]
+        for group in self.weight_groups:
+            group_names = [names[id(p)] for p in group]
+            if self.weight_norms:
+                keys += [("weight_norm", n) for n in group_names]
+            if hist:
+                keys += [(f"weight_{stat}", n) for stat in _FAST_STATS for n in group_names]
+        self.keys = keys
+        self.update_keys = [("update", n) for n in self.weight_names]
+
+    def fits(self, params: list[Tensor]) -> bool:
+        """Still right for these parameters: the same tensors, the same ones with gradients."""
+        return (
+            len(params) == len(self.params)
+            and all(p is q for p, q in zip(params, self.params, strict=True))
+            and all((p.grad is not None) is h for p, h in zip(params, self.has_grad, strict=True))
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
@@ -881,14 +954,17 @@ def _log_scalars(logger: Logger, metrics: dict[str, float], step: int) -> None:
     in Python by TensorBoard's writer): the logger's log_metrics writes an event per scalar,
     which costs more than computing the norms. Other loggers get their log_metrics."""
     if isinstance(logger, TensorBoardLogger):
-        values = [Summary.Value(tag=tag, simple_value=value) for tag, value in metrics.items()]
-        _write_summary(logger, values, step)
+        summary = Summary()
+        add = summary.value.add  # half the time of building Summary.Value objects first
+        for tag, value in metrics.items():
+            add(tag=tag, simple_value=value)
+        _write_summary(logger, summary, step)
     else:
         logger.log_metrics(metrics, step=step)
 
 
-def _write_summary(logger: TensorBoardLogger, values: list[Summary.Value], step: int) -> None:
-    logger.experiment._get_file_writer().add_summary(Summary(value=values), step)
+def _write_summary(logger: TensorBoardLogger, summary: Summary, step: int) -> None:
+    logger.experiment._get_file_writer().add_summary(summary, step)
 
 
 def _histc_(x: Tensor, bins: int, lo: float, hi: float, finite: bool) -> Tensor:

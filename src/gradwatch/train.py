@@ -25,6 +25,7 @@ from gradwatch.data import InMemoryDataModule
 from gradwatch.launch import CONF_DIR, ddp_processes_for_this_job, resume_run_dir
 from gradwatch.model import MLPModule
 from gradwatch.monitor import GradientAlert, GradientMonitor
+from gradwatch.overhead import NoProfiler, use_fast_crc32c
 from gradwatch.summary import RunSummary
 from gradwatch.sweep import FAILED_FILE
 from gradwatch.validate import (
@@ -72,12 +73,14 @@ def build_trainer(
         if node:
             purge = resume_step and node._target_.endswith("TensorBoardLogger")
             loggers.append(instantiate(node, **({"purge_step": resume_step} if purge else {})))
+    use_fast_crc32c()  # TensorBoard's checksums in C (gradwatch.overhead)
     return instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(run_dir),
         plugins=[AtomicCheckpointIO()],
+        profiler=cfg.trainer.get("profiler") or NoProfiler(),
     )
 
 

@@ -100,6 +100,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "a number >= 0 or null",
     ),
     "trainer.gradient_clip_algorithm": _one_of(("norm", "value")),
+    "trainer.profiler": _one_of((None, "simple", "advanced", "pytorch")),
     "optimizer.lr": _number(0, low_open=True),
     "optimizer.momentum": _number(0, 1),
     "optimizer.weight_decay": _number(0),

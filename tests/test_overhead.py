@@ -1,0 +1,52 @@
+"""The cheaper equivalents of gradwatch.overhead give what Lightning's and TensorBoard's own do."""
+
+import os
+
+import pytest
+from lightning.pytorch.profilers import PassThroughProfiler, SimpleProfiler
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tensorboard_crc
+from tensorboard.summary.writer import record_writer
+from torch.utils.tensorboard import SummaryWriter
+
+from gradwatch.overhead import NoProfiler, masked_crc32c, use_fast_crc32c
+from gradwatch.train import build_trainer
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 8, 9, 100, 4096, 9001])
+def test_masked_crc32c_equals_tensorboards_own(size):
+    data = os.urandom(size)
+    assert masked_crc32c(data) == tensorboard_crc(data)
+
+
+def test_checksums_of_known_data():
+    # CRC32C("123456789") = 0xE3069283 (RFC 3720's check value), then TFRecord's mask.
+    crc = 0xE3069283
+    assert masked_crc32c(b"123456789") == (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def test_event_files_written_with_the_fast_checksum_read_back(tmp_path):
+    assert use_fast_crc32c()  # google-crc32c is a dependency: its C extension must be there
+    assert record_writer.masked_crc32c is masked_crc32c
+    writer = SummaryWriter(tmp_path)
+    for step in range(5):
+        writer.add_scalar("x", step * 0.5, step)
+    writer.close()
+    # TensorBoard's reader drops any record whose checksum (its own pure-Python CRC) differs.
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("x")] == [(s, s * 0.5) for s in range(5)]
+
+
+def test_no_profiler_records_nothing_and_nests():
+    profiler = NoProfiler()
+    assert isinstance(profiler, PassThroughProfiler)
+    with profiler.profile("outer") as outer, profiler.profile("inner") as inner:
+        assert outer is None and inner is None
+    assert profiler.summary() == ""
+
+
+def test_trainer_gets_no_profiler_unless_one_is_asked_for(make_cfg, tmp_path):
+    assert type(build_trainer(make_cfg(), tmp_path).profiler) is NoProfiler
+    chosen = build_trainer(make_cfg("trainer.profiler=simple"), tmp_path).profiler
+    assert isinstance(chosen, SimpleProfiler)
