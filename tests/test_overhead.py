@@ -2,6 +2,7 @@
 
 import os
 
+import lightning.pytorch as pl
 import pytest
 from lightning.pytorch.profilers import PassThroughProfiler, SimpleProfiler
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -9,6 +10,8 @@ from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c a
 from tensorboard.summary.writer import record_writer
 from torch.utils.tensorboard import SummaryWriter
 
+from gradwatch.data import InMemoryDataModule
+from gradwatch.model import MLPModule
 from gradwatch.overhead import NoProfiler, masked_crc32c, use_fast_crc32c
 from gradwatch.train import build_trainer
 
@@ -50,3 +53,33 @@ def test_trainer_gets_no_profiler_unless_one_is_asked_for(make_cfg, tmp_path):
     assert type(build_trainer(make_cfg(), tmp_path).profiler) is NoProfiler
     chosen = build_trainer(make_cfg("trainer.profiler=simple"), tmp_path).profiler
     assert isinstance(chosen, SimpleProfiler)
+
+
+class CountingDataModule(InMemoryDataModule):
+    """Overrides a batch-transfer hook: Lightning must keep calling it."""
+
+    calls = 0
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        CountingDataModule.calls += 1
+        return batch
+
+
+@pytest.mark.parametrize("datamodule_class", [InMemoryDataModule, CountingDataModule])
+def test_batch_hooks_are_skipped_only_where_the_datamodule_has_none(tmp_path, datamodule_class):
+    datamodule = datamodule_class()
+    trainer = pl.Trainer(
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(MLPModule(), datamodule=datamodule)
+    selector = trainer._data_connector._datahook_selector
+    if datamodule_class is CountingDataModule:
+        assert selector.datamodule is datamodule and CountingDataModule.calls == 3
+    else:
+        assert selector.datamodule is None  # nothing to ask: the module's own (default) hooks
+    assert trainer.global_step == 3

@@ -13,6 +13,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from gradwatch.overhead import skip_unused_batch_hooks
+
 DATASETS = ("xor", "moons", "circles", "spiral", "sine")
 
 
@@ -96,12 +98,15 @@ class TensorBatches:
         self.shuffle = shuffle and self.batch_size < len(x)
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
+        # Asked every epoch: worked out once.
+        self._len = math.ceil(len(x) / self.batch_size)
+        self._one_batch = self.batch_size >= len(x) and world_size == 1
 
     def __len__(self) -> int:
-        return math.ceil(len(self.x) / self.batch_size)
+        return self._len
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        if self.batch_size >= len(self.x) and self.world_size == 1:
+        if self._one_batch:
             # The tutorial's case: one full batch, the very same tensors every epoch.
             yield self.x, self.y
             return
@@ -152,6 +157,10 @@ class InMemoryDataModule(pl.LightningDataModule):
             order = torch.arange(len(x))
         self.train_x, self.train_y = x[order[n_val:]], y[order[n_val:]]
         self.val_x, self.val_y = x[order[:n_val]], y[order[:n_val]]
+
+    def setup(self, stage: str) -> None:
+        # Batches are tensors already on the device: no transfer hook here, none to ask about.
+        skip_unused_batch_hooks(self)
 
     def _batches(self, x: Tensor, y: Tensor, shuffle: bool) -> TensorBatches:
         # Move the whole set to the training device once; every batch is then a view of it.
