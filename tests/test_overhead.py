@@ -12,7 +12,14 @@ from torch.utils.tensorboard import SummaryWriter
 
 from gradwatch.data import InMemoryDataModule
 from gradwatch.model import MLPModule
-from gradwatch.overhead import NoProfiler, masked_crc32c, use_fast_crc32c
+from gradwatch.monitor import GradientMonitor
+from gradwatch.overhead import (
+    STEP_HOOKS,
+    NoProfiler,
+    masked_crc32c,
+    skip_unused_step_hooks,
+    use_fast_crc32c,
+)
 from gradwatch.train import build_trainer
 
 
@@ -83,3 +90,37 @@ def test_batch_hooks_are_skipped_only_where_the_datamodule_has_none(tmp_path, da
     else:
         assert selector.datamodule is None  # nothing to ask: the module's own (default) hooks
     assert trainer.global_step == 3
+
+
+def test_unused_step_hooks_are_skipped_and_used_ones_still_run(tmp_path):
+    class Counting(pl.Callback):
+        batches = 0
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            Counting.batches += 1
+
+    callback = skip_unused_step_hooks(Counting())
+    assert callback.on_train_epoch_start is None and callback.on_before_backward is None
+    assert callback.on_train_batch_end is not None  # its own hook stays
+    assert callback.state_dict() == {}  # hooks Lightning calls directly are never touched
+    trainer = pl.Trainer(
+        max_epochs=4,
+        logger=False,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(MLPModule(), datamodule=InMemoryDataModule())
+    assert Counting.batches == 4
+
+
+def test_gradwatch_callbacks_skip_the_step_hooks_they_do_not_use(make_cfg, tmp_path):
+    trainer = build_trainer(make_cfg(), tmp_path)
+    monitor = next(c for c in trainer.callbacks if isinstance(c, GradientMonitor))
+    assert callable(monitor.on_before_optimizer_step) and callable(monitor.on_train_batch_end)
+    for callback in trainer.callbacks:
+        for name in STEP_HOOKS:
+            overridden = getattr(type(callback), name) is not getattr(pl.Callback, name)
+            assert callable(getattr(callback, name)) == overridden, (callback, name)

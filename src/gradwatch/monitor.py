@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from gradwatch.overhead import use_fast_crc32c
+from gradwatch.overhead import skip_unused_step_hooks, use_fast_crc32c
 
 _NONFINITE_POLICIES = ("warn", "stop")
 _STATS = ("min", "max", "count", "sum", "sumsq")
@@ -215,6 +215,8 @@ class GradientMonitor(Callback):
         # Stop mode: the first step with a non-finite gradient, kept on device (no sync).
         self._first_bad_step: Tensor | None = None
         self._reset_state()
+        # Lightning's dispatch passes over the per-step hooks this class does not use.
+        skip_unused_step_hooks(self)
 
     def _reset_state(self) -> None:
         # Everything here is plain Python (host values from the packed transfer): it is the

@@ -10,6 +10,11 @@ The tutorial trains 5000 one-step epochs of about 0.9 ms each, so a few microsec
 - TensorBoard's event writer checksums every record with CRC32C in pure Python (about 1 ms per
   9 KB, holding the GIL in its writer thread while training runs). :func:`use_fast_crc32c` points
   it at the C implementation of ``google-crc32c`` (same checksum, about 1 us per 9 KB).
+- Lightning calls every training hook of every callback on every step (about 8 a step, each
+  through a profiler context and a formatted name: 0.7 us each with :class:`NoProfiler`, about 1%
+  of the tutorial's step per callback), whether the callback overrides it or not. It skips an
+  attribute that is not callable: :func:`skip_unused_step_hooks` sets the per-step hooks a callback
+  does not override to ``None`` on the instance, and Lightning passes over them.
 - With a datamodule attached, Lightning asks for every batch whether it overrides each of the three
   batch-transfer hooks (``is_overridden``, twice a hook: about 10 us a step, 1.3% of the
   tutorial's). :func:`skip_unused_batch_hooks` tells Lightning's hook selector, once, that a
@@ -19,11 +24,25 @@ The tutorial trains 5000 one-step epochs of about 0.9 ms each, so a few microsec
 import contextlib
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 _NO_CONTEXT = contextlib.nullcontext()
+# Called on every training step or epoch through `_call_callback_hooks`, which checks
+# `callable(getattr(callback, name))` first. (Never state_dict or on_save_checkpoint: Lightning
+# calls those directly.)
+STEP_HOOKS = (
+    "on_train_epoch_start",
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "on_train_batch_end",
+    "on_train_epoch_end",
+)
 
 
 class NoProfiler(PassThroughProfiler):
@@ -33,6 +52,15 @@ class NoProfiler(PassThroughProfiler):
     @override
     def profile(self, action_name: str) -> contextlib.AbstractContextManager:
         return _NO_CONTEXT
+
+
+def skip_unused_step_hooks(callback: Callback) -> Callback:
+    """Sets each of `STEP_HOOKS` that ``callback``'s class leaves as Lightning's no-op to ``None``
+    on the instance, so that Lightning's dispatch passes over it; returns the callback."""
+    for name in STEP_HOOKS:
+        if getattr(type(callback), name, None) is getattr(Callback, name):
+            setattr(callback, name, None)
+    return callback
 
 
 def masked_crc32c(data: bytes) -> int:

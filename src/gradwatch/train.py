@@ -25,7 +25,7 @@ from gradwatch.data import InMemoryDataModule
 from gradwatch.launch import CONF_DIR, ddp_processes_for_this_job, resume_run_dir
 from gradwatch.model import MLPModule
 from gradwatch.monitor import GradientAlert, GradientMonitor
-from gradwatch.overhead import NoProfiler, use_fast_crc32c
+from gradwatch.overhead import NoProfiler, skip_unused_step_hooks, use_fast_crc32c
 from gradwatch.summary import RunSummary
 from gradwatch.sweep import FAILED_FILE
 from gradwatch.validate import (
@@ -68,6 +68,8 @@ def build_trainer(
     # Extra callbacks first: their on_train_end (the run summary's fit time) runs before others'.
     callbacks = list(extra_callbacks)
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    for callback in callbacks:
+        skip_unused_step_hooks(callback)  # (gradwatch.overhead)
     loggers = []
     for node in (cfg.get("logger") or {}).values():
         if node:
