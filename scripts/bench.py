@@ -869,7 +869,8 @@ def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, 
                     "tutorial, for scale: Lightning's dispatch of one Callback that does nothing"
                     " (in-run A/B)",
                     None,
-                    f"{noop:.3g}%: the floor of any callback's cost on one-step epochs",
+                    f"{noop:.3g}%: what a Callback costs on one-step epochs when Lightning"
+                    " dispatches every hook (gradwatch's skip the step hooks they do not use)",
                 )
             )
         check(

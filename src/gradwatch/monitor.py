@@ -400,7 +400,8 @@ class GradientMonitor(Callback):
             if plan.clipping:
                 # Clipping rescales NaN/Inf gradients in place after this hook (a NaN total
                 # turns every value NaN): count them now, while they are the model's.
-                parts.append(torch.stack([_count_nonfinite(g) for g in group_grads]).double())
+                counts = torch.stack([_count_nonfinite(g) for g in group_grads])
+                parts.append(counts.to(plan.exact))
             if hist:
                 parts += _fast_stats(group_grads)
         snapshots: list[list[Tensor]] = []
@@ -423,7 +424,7 @@ class GradientMonitor(Callback):
             pending["grad_copies"] = _copy(grads)
         if self.on_nonfinite == "stop" and self._first_bad_step is not None:
             keys = [*keys, ("first_bad_step", "")]
-            parts.append(self._first_bad_step.reshape(1).double())
+            parts.append(self._first_bad_step.reshape(1).to(plan.exact))
             self._first_bad_step = None
         if plan.unscale:
             # Optimizers that unscale inside `step()` (fused ones) leave the hook scaled
@@ -908,6 +909,8 @@ class _Plan:
         names = {id(p): monitor._name(p, i) for i, p in enumerate(params)}
         self.all_names = [names[id(p)] for p in params]
         self.clipping = bool(trainer.gradient_clip_val)
+        # Counts and step numbers travel as floats: float64 holds them exactly (MPS has none).
+        self.exact = torch.float32 if params and params[0].device.type == "mps" else torch.float64
         self.weight_norms = monitor.log_weight_norms or monitor.log_update_ratio or hist
         self.snapshot = monitor.log_update_ratio or hist
         self.scaler = getattr(trainer.precision_plugin, "scaler", None)
