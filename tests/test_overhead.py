@@ -4,7 +4,7 @@ import os
 
 import lightning.pytorch as pl
 import pytest
-from lightning.pytorch.profilers import PassThroughProfiler, SimpleProfiler
+from lightning.pytorch.profilers import PassThroughProfiler
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as tensorboard_crc
 from tensorboard.summary.writer import record_writer
@@ -20,7 +20,7 @@ from gradwatch.overhead import (
     skip_unused_step_hooks,
     use_fast_crc32c,
 )
-from gradwatch.train import build_trainer
+from gradwatch.train import build_trainer, train
 
 
 @pytest.mark.parametrize("size", [0, 1, 3, 8, 9, 100, 4096, 9001])
@@ -58,8 +58,9 @@ def test_no_profiler_records_nothing_and_nests():
 
 def test_trainer_gets_no_profiler_unless_one_is_asked_for(make_cfg, tmp_path):
     assert type(build_trainer(make_cfg(), tmp_path).profiler) is NoProfiler
-    chosen = build_trainer(make_cfg("trainer.profiler=simple"), tmp_path).profiler
-    assert isinstance(chosen, SimpleProfiler)
+    train(make_cfg("trainer.profiler=simple", "trainer.max_epochs=20"))
+    report = (tmp_path / "run" / "fit-profiler.txt").read_text()
+    assert "FIT Profiler Report" in report and "run_training_batch" in report
 
 
 class CountingDataModule(InMemoryDataModule):

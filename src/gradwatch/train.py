@@ -18,6 +18,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.profilers import (
+    AdvancedProfiler,
+    Profiler,
+    PyTorchProfiler,
+    SimpleProfiler,
+)
 from omegaconf import DictConfig, OmegaConf
 
 from gradwatch.checkpoints import AtomicCheckpointIO
@@ -82,8 +88,18 @@ def build_trainer(
         logger=loggers or False,
         default_root_dir=str(run_dir),
         plugins=[AtomicCheckpointIO()],
-        profiler=cfg.trainer.get("profiler") or NoProfiler(),
+        profiler=make_profiler(cfg.trainer.get("profiler"), run_dir),
     )
+
+
+def make_profiler(name: str | None, run_dir: Path) -> Profiler:
+    """None: `NoProfiler` (records nothing, at no cost per hook). simple, advanced or pytorch:
+    Lightning's profiler of that name, its report written to `fit-profiler.txt` in the run
+    directory (Lightning would print it at INFO level, which gradwatch's console leaves out)."""
+    if name is None:
+        return NoProfiler()
+    kinds = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": PyTorchProfiler}
+    return kinds[name](dirpath=run_dir, filename="profiler")
 
 
 def save_run_config(cfg: DictConfig, run_dir: Path) -> None:
