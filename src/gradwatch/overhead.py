@@ -1,6 +1,6 @@
 """Costs that Lightning and TensorBoard charge on every step, and equivalents that cost less.
 
-The tutorial trains 5000 one-step epochs of about 0.9 ms each, so a few microseconds a step show:
+The tutorial trains 5000 one-step epochs of under 1 ms each, so a few microseconds a step show:
 
 - Lightning wraps every hook call (about 20 a step, plus about 8 for every callback) in
   ``trainer.profiler.profile(name)``. Its default profiler, which records nothing, still enters a
