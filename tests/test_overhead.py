@@ -63,6 +63,21 @@ def test_trainer_gets_no_profiler_unless_one_is_asked_for(make_cfg, tmp_path):
     assert "FIT Profiler Report" in report and "run_training_batch" in report
 
 
+def fit_bare(tmp_path, datamodule, epochs, callbacks=()):
+    """The tutorial's MLPModule on `datamodule` in a Trainer with nothing else attached."""
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        callbacks=list(callbacks),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(MLPModule(), datamodule=datamodule)
+    return trainer
+
+
 class CountingDataModule(InMemoryDataModule):
     """Overrides a batch-transfer hook: Lightning must keep calling it."""
 
@@ -76,15 +91,7 @@ class CountingDataModule(InMemoryDataModule):
 @pytest.mark.parametrize("datamodule_class", [InMemoryDataModule, CountingDataModule])
 def test_batch_hooks_are_skipped_only_where_the_datamodule_has_none(tmp_path, datamodule_class):
     datamodule = datamodule_class()
-    trainer = pl.Trainer(
-        max_epochs=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(MLPModule(), datamodule=datamodule)
+    trainer = fit_bare(tmp_path, datamodule, epochs=3)
     selector = trainer._data_connector._datahook_selector
     if datamodule_class is CountingDataModule:
         assert selector.datamodule is datamodule and CountingDataModule.calls == 3
@@ -104,16 +111,7 @@ def test_unused_step_hooks_are_skipped_and_used_ones_still_run(tmp_path):
     assert callback.on_train_epoch_start is None and callback.on_before_backward is None
     assert callback.on_train_batch_end is not None  # its own hook stays
     assert callback.state_dict() == {}  # hooks Lightning calls directly are never touched
-    trainer = pl.Trainer(
-        max_epochs=4,
-        logger=False,
-        callbacks=[callback],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(MLPModule(), datamodule=InMemoryDataModule())
+    fit_bare(tmp_path, InMemoryDataModule(), epochs=4, callbacks=[callback])
     assert Counting.batches == 4
 
 

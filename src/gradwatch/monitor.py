@@ -392,6 +392,7 @@ class GradientMonitor(Callback):
         plan = self._plan(trainer, optimizer, params, hist)
         parts: list[Tensor] = []
         grads: list[Tensor] = []
+        grad_copies: list[Tensor] = []
         for group in plan.grad_groups:
             group_grads = [p.grad for p in group]
             grads += group_grads
@@ -404,6 +405,9 @@ class GradientMonitor(Callback):
                 parts.append(counts.to(plan.exact))
             if hist:
                 parts += _fast_stats(group_grads)
+                # Clipping (and the module's own hook) may change the gradients in place after
+                # this hook; the histograms must show the same gradients as the norms.
+                grad_copies += torch._foreach_mul(group_grads, 1)
         snapshots: list[list[Tensor]] = []
         for group in plan.weight_groups:
             weights = [p.detach() for p in group]
@@ -419,9 +423,7 @@ class GradientMonitor(Callback):
         if snapshots:
             pending["snapshots"] = snapshots
         if hist:
-            # Clipping (and the module's own hook) may change the gradients in place after this
-            # hook; the histograms must show the same gradients as the norms.
-            pending["grad_copies"] = _copy(grads)
+            pending["grad_copies"] = grad_copies
         if self.on_nonfinite == "stop" and self._first_bad_step is not None:
             keys = [*keys, ("first_bad_step", "")]
             parts.append(self._first_bad_step.reshape(1).to(plan.exact))
@@ -453,20 +455,7 @@ class GradientMonitor(Callback):
         if clip:
             # Lightning clips after this callback's hook; the gradients still hold the clipped
             # values until the next step's zero_grad, so measure them rather than model clipping.
-            grads = [
-                p.grad
-                for item in pending
-                for group in item["plan"].weight_groups
-                for p in group
-                if p.grad is not None
-            ]
-            if not grads:
-                grads = [
-                    p.grad
-                    for opt in trainer.optimizers
-                    for p in _optimizer_params(opt)
-                    if p.grad is not None
-                ]
+            grads = [g for item in pending for g in item["grads"]]
             if grads:
                 keys.append(("clipped_total", ""))
                 parts.append(
@@ -1071,15 +1060,6 @@ def _norms(tensors: list[Tensor], ord_: float) -> list[Tensor]:
 def _all_norms(tensors: list[Tensor], ord_: float) -> list[Tensor]:
     device = tensors[0].device
     return [n.to(device) for _, group in _by_device_dtype(tensors) for n in _norms(group, ord_)]
-
-
-def _copy(tensors: list[Tensor]) -> list[Tensor]:
-    out: list[Tensor] = [torch.empty(0)] * len(tensors)
-    index = {id(t): i for i, t in enumerate(tensors)}
-    for _, group in _by_device_dtype(tensors):
-        for t, c in zip(group, torch._foreach_mul(group, 1), strict=True):
-            out[index[id(t)]] = c
-    return out
 
 
 def _flat_float(tensor: Tensor) -> Tensor:
