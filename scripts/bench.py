@@ -145,23 +145,34 @@ class MonitorHookTimer:
 class Interleaver:
     """The monitor's overhead side by side inside one run: steps go in blocks of the monitor's
     scalar cadence (each block ends with one logging step), blocks in pairs, and the monitor is in
-    `trainer.callbacks` for one block of each pair and out of it for the other (the first block of
-    even pairs, the second of odd ones). Adjacent blocks are tens of milliseconds apart, so the
-    machine's drift, which moves whole runs by 10 to 30% here, divides out. Lightning's dispatch
-    of the monitor's hooks is inside the difference, as in a run with and without it.
+    `trainer.callbacks` for one block of each pair and out of it for the other (the second block
+    of even pairs, the first of odd ones: see `monitor_in`). Adjacent blocks are tens of
+    milliseconds apart, so the machine's drift, which moves whole runs by 10 to 30% here, divides
+    out. Lightning's dispatch of the monitor's hooks is inside the difference, as in a run with
+    and without it.
 
     The estimate: the median over pairs of (block with - block without), the pairs whose block
     with the monitor holds a histogram step apart, weighted by how many there are, over the median
     block without. One-off costs (the first logging step's warm-up) are left out: per-step cost.
-    So are pairs where an epoch starts, when epochs are longer than a block."""
+    So are pairs where the run does work of its own on one side only: an epoch's start, when
+    epochs are longer than a block, and a checkpoint save (`checkpoint_every`)."""
 
     def __init__(
-        self, block: int, hist_every: int, noop: bool = False, epoch_steps: int = 0
+        self,
+        block: int,
+        hist_every: int,
+        noop: bool = False,
+        epoch_steps: int = 0,
+        checkpoint_every: int = 0,
     ) -> None:
         self.block, self.hist_every = block, hist_every
         # Epochs longer than a block start inside one (the mid block's shuffle of 60,000 rows
         # takes 140 ms): pairs holding an epoch's first step are left out.
         self.epoch_steps = epoch_steps if epoch_steps > block else 0
+        # A save of last.ckpt takes ~3 ms, a tenth of a tutorial block: counted, it would be the
+        # monitor's cost whenever it fell on the monitor's side (+1% for a monitor that does
+        # nothing, measured in the tutorial run).
+        self.checkpoint_every = checkpoint_every
         # noop: a Callback that does nothing takes the monitor's place, in and out by the same
         # turns: what Lightning's dispatch of any callback's hooks costs.
         self.monitor: Any = None
@@ -181,8 +192,7 @@ class Interleaver:
             from gradwatch.monitor import GradientMonitor
 
             self.monitor = next(c for c in trainer.callbacks if isinstance(c, GradientMonitor))
-        index = step // self.block
-        on = (index % 2 == 0) == ((index // 2) % 2 == 0)
+        on = self.monitor_in(step // self.block)
         # Between callback hooks (this runs in the module's own hook): no list is being walked.
         callbacks = trainer.callbacks
         if on and self.monitor not in callbacks:
@@ -192,18 +202,38 @@ class Interleaver:
         self.starts.append(time.perf_counter())
         self.on.append(on)
 
-    def overhead_pct(self, end: float) -> float:
-        times = [b - a for a, b in zip(self.starts, [*self.starts[1:], end], strict=True)]
-        normal, hist, without = [], [], []
-        for pair in range(len(times) // 2):
+    @staticmethod
+    def monitor_in(index: int) -> bool:
+        """Whether block ``index`` runs with the monitor: 1, 2, 5, 6, 9, 10, ... With the
+        defaults' cadences (blocks of 50 steps, histograms every 500, a checkpoint every 1000)
+        the histogram steps 499, 1499, ... fall in blocks with the monitor (9, 29, ...), and
+        999, 1999, ... in blocks without it, in pairs left out for their checkpoint save."""
+        return (index % 2 == 1) == ((index // 2) % 2 == 0)
+
+    def pairs(self) -> list[tuple[int, int, bool]]:
+        """The pairs of blocks the estimate uses: (block with, block without, has a histogram
+        step), for every pair of the run but those left out."""
+        out = []
+        for pair in range(len(self.on) // 2):
             a, b = 2 * pair, 2 * pair + 1
             first, last = a * self.block, (b + 1) * self.block  # the pair's steps
             # An epoch starting at step s runs its set-up (the shuffle) before s: in s - 1's block.
             if self.epoch_steps and first // self.epoch_steps != last // self.epoch_steps:
                 continue
-            with_, without_ = (a, b) if self.on[a] else (b, a)
+            # A checkpoint is saved after step s when (s + 1) is a multiple of its cadence.
+            every = self.checkpoint_every
+            if every and first // every != last // every:
+                continue
+            with_, without = (a, b) if self.on[a] else (b, a)
             # The block's last step writes histograms when (step + 1) is a multiple of the cadence.
-            has_hist = self.hist_every and ((with_ + 1) * self.block) % self.hist_every == 0
+            has_hist = bool(self.hist_every) and ((with_ + 1) * self.block) % self.hist_every == 0
+            out.append((with_, without, has_hist))
+        return out
+
+    def overhead_pct(self, end: float) -> float:
+        times = [b - a for a, b in zip(self.starts, [*self.starts[1:], end], strict=True)]
+        normal, hist, without = [], [], []
+        for with_, without_, has_hist in self.pairs():
             (hist if has_hist else normal).append(times[with_] - times[without_])
             without.append(times[without_])
         extra = sum(statistics.median(group) * len(group) for group in (normal, hist) if group)
@@ -348,6 +378,8 @@ def run_gradwatch(p: dict[str, Any]) -> dict[str, float]:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
+        if interleave is not None and cfg.callbacks.get("checkpoint") is not None:
+            interleave.checkpoint_every = cfg.callbacks.checkpoint.every_n_train_steps
         metrics = train(cfg)
     loop, cpu = CLOCK.seconds, CLOCK.cpu_seconds
     pl.Trainer.fit = trainer_fit

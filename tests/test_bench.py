@@ -74,33 +74,45 @@ def test_a_target_fails_and_a_failed_run_is_left_out_of_its_round():
 
 
 def test_in_run_ab_takes_the_typical_pair_and_weighs_the_histogram_pairs():
-    """20 blocks of 50 steps: the monitor in the first block of even pairs and the second of odd
+    """20 blocks of 50 steps: the monitor in the second block of even pairs and the first of odd
     ones. Without it a block takes 1 s; with it 1.02 s, and 1.52 s where the block ends on a
-    histogram step (step 999, block 19: the one of blocks 9 and 19 that has the monitor). A
+    histogram step (step 499, block 9: the one of blocks 9 and 19 that has the monitor). A
     burst makes one block without the monitor take 3 s. Per block the monitor costs 0.02 s plus
     a tenth of a histogram's 0.5 s: 7%."""
     inter = bench.Interleaver(block=50, hist_every=500)
-    inter.on = [(i % 2 == 0) == ((i // 2) % 2 == 0) for i in range(20)]
-    assert [i for i in range(20) if inter.on[i]][:4] == [0, 3, 4, 7]
+    inter.on = [inter.monitor_in(i) for i in range(20)]
+    assert [i for i in range(20) if inter.on[i]][:6] == [1, 2, 5, 6, 9, 10]
     times = [1.02 if on else 1.0 for on in inter.on]
-    times[19] = 1.52
-    times[5] = 3.0
+    times[9] = 1.52
+    times[4] = 3.0
     inter.starts = [sum(times[:i]) for i in range(20)]
     assert inter.overhead_pct(end=sum(times)) == pytest.approx(7.0)
 
 
 def test_in_run_ab_leaves_out_pairs_where_an_epoch_starts():
     """Epochs of 469 steps start at steps 469 and 938: their set-up (a 140 ms shuffle) lands in
-    the blocks of steps 468 and 937 (blocks 9 and 18, both without the monitor). Block 18 pairs
-    with block 19, the only one with the monitor and a histogram step (999): counted, its pair
-    alone would make the estimate -6%."""
+    the blocks of steps 468 and 937 (blocks 9 and 18, both with the monitor). Counted, their
+    pairs would make the estimate 22%."""
     inter = bench.Interleaver(block=50, hist_every=500, epoch_steps=469)
-    inter.on = [(i % 2 == 0) == ((i // 2) % 2 == 0) for i in range(20)]
+    inter.on = [inter.monitor_in(i) for i in range(20)]
     times = [1.03 if on else 1.0 for on in inter.on]
-    times[19] += 0.5
+    times[9] += 0.5
     times[9] += 1.4
     times[18] += 1.4
     inter.starts = [sum(times[:i]) for i in range(20)]
+    assert [w for w, _, _ in inter.pairs()] == [1, 2, 5, 6, 10, 13, 14, 17]
     assert inter.overhead_pct(end=sum(times)) == pytest.approx(3.0)
     # Tutorial-like one-step epochs are shorter than a block: nothing is left out.
     assert bench.Interleaver(block=50, hist_every=0, epoch_steps=1).epoch_steps == 0
+
+
+def test_in_run_ab_leaves_out_checkpoint_pairs_and_keeps_histogram_pairs():
+    """gradwatch's defaults: histograms every 500 steps, last.ckpt every 1000. The saves after
+    steps 999 and 1999 (blocks 19 and 39) leave their pairs out; the histogram steps 499 and 1499
+    (blocks 9 and 29) have the monitor, in pairs that are kept."""
+    inter = bench.Interleaver(block=50, hist_every=500, checkpoint_every=1000)
+    inter.on = [inter.monitor_in(i) for i in range(40)]
+    pairs = inter.pairs()
+    assert len(pairs) == 18
+    assert not {18, 19, 38, 39} & {block for pair in pairs for block in pair[:2]}
+    assert [w for w, _, hist in pairs if hist] == [9, 29]

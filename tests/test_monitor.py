@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
+import gradwatch.monitor as monitor_module
 from gradwatch.monitor import GradientAlert, GradientMonitor, _histc_, _parameter_names
 
 X_XOR = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
@@ -232,7 +233,25 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_nothing_at_all_on_other_steps_and_one_transfer_on_logging_steps(tmp_path, monkeypatch):
+@pytest.fixture
+def on_device(monkeypatch):
+    """The monitor's torch path (every model on a GPU, and larger ones on the CPU) for the
+    tutorial's network too, which it otherwise reads on the host."""
+    monkeypatch.setattr(monitor_module, "_HOST_MAX_NUMEL", 0)
+
+
+@pytest.fixture(params=["host", "device"])
+def either_path(request, monkeypatch):
+    """A test run on both of the monitor's paths for scalar steps, whatever the model's size:
+    Python floats on the host, or torch ops on the parameters' device."""
+    limit = 10**9 if request.param == "host" else 0
+    monkeypatch.setattr(monitor_module, "_HOST_MAX_NUMEL", limit)
+    return request.param
+
+
+def test_nothing_at_all_on_other_steps_and_one_transfer_on_logging_steps(
+    tmp_path, monkeypatch, on_device
+):
     """Every tensor op the monitor's hooks run, and every `.tolist()`, counted per step."""
     monitor = GradientMonitor(log_every_n_steps=4, histogram_every_n_steps=8)
     ops: dict[int, list[str]] = {}
@@ -273,7 +292,7 @@ def test_nothing_at_all_on_other_steps_and_one_transfer_on_logging_steps(tmp_pat
 # ----------------------------------------------------------------------------------------------
 
 
-def test_plain_sgd_norms_equal_weight_steps_over_lr(tmp_path):
+def test_plain_sgd_norms_equal_weight_steps_over_lr(tmp_path, either_path):
     """For SGD without momentum, g_k = (w_k - w_{k+1}) / lr: every logged norm, recomputed."""
     lr = 0.5
     recorder = Recorder()
@@ -326,11 +345,12 @@ class MixedNet(nn.Module):
         return self.fc3(hidden.double()).float()
 
 
-def test_mixed_dtypes_keep_every_value_with_its_parameter(tmp_path):
+@pytest.mark.parametrize("hist_every", [1, 0])  # histograms on the device path at every step
+def test_mixed_dtypes_keep_every_value_with_its_parameter(tmp_path, either_path, hist_every):
     recorder = Recorder()
     trainer, _ = fit(
         tmp_path,
-        GradientMonitor(histogram_every_n_steps=1),
+        GradientMonitor(histogram_every_n_steps=hist_every),
         module=lambda: Module(net=MixedNet(), optimizer=lambda p: torch.optim.SGD(p, lr=0.5)),
         max_epochs=3,
         extra_callbacks=[recorder],
@@ -343,8 +363,9 @@ def test_mixed_dtypes_keep_every_value_with_its_parameter(tmp_path):
             g = (w[k][n] - w[k + 1][n]) / 0.5
             assert values[f"grad_norm/{n}"][k] == pytest.approx(g.norm().item(), rel=1e-4), n
             assert values[f"weight_norm/{n}"][k] == pytest.approx(w[k][n].norm().item(), rel=1e-6)
-            assert hists[f"weight_hist/{n}"][k].num == w[k][n].numel()
-            assert hists[f"weight_hist/{n}"][k].max == pytest.approx(w[k][n].max().item())
+            if hist_every:
+                assert hists[f"weight_hist/{n}"][k].num == w[k][n].numel()
+                assert hists[f"weight_hist/{n}"][k].max == pytest.approx(w[k][n].max().item())
         for layer in ("fc1", "fc2", "fc3"):
             before = torch.cat([w[k][f"{layer}.{p}"].flatten() for p in ("weight", "bias")])
             after = torch.cat([w[k + 1][f"{layer}.{p}"].flatten() for p in ("weight", "bias")])
@@ -372,7 +393,7 @@ def plain_sgd(steps, lr, clip=None, batches=None):
     return out
 
 
-def test_accumulated_gradient_equals_the_full_batch_gradient(tmp_path):
+def test_accumulated_gradient_equals_the_full_batch_gradient(tmp_path, either_path):
     # Two micro-batches of two XOR points, accumulated: one log per optimizer step, of the
     # gradient of the whole batch (Lightning divides each micro-batch loss by 2).
     trainer, _ = fit(
@@ -390,7 +411,7 @@ def test_accumulated_gradient_equals_the_full_batch_gradient(tmp_path):
             assert values[f"grad_norm/{n}"][k] == pytest.approx(g.norm().item(), rel=1e-5)
 
 
-def test_clipping_logs_norms_before_and_the_total_after(tmp_path):
+def test_clipping_logs_norms_before_and_the_total_after(tmp_path, either_path):
     clip = 0.05
     trainer, _ = fit(
         tmp_path, GradientMonitor(), max_epochs=5, gradient_clip_val=clip, log_every_n_steps=1
@@ -411,7 +432,7 @@ def test_no_clipped_tag_without_clipping(tmp_path):
     assert "grad_norm/total_clipped" not in scalars(read_events(trainer.logger.log_dir))
 
 
-def test_bf16_mixed_equals_plain_autocast(tmp_path):
+def test_bf16_mixed_equals_plain_autocast(tmp_path, either_path):
     trainer, _ = fit(tmp_path, GradientMonitor(), max_epochs=1, precision="bf16-mixed")
     values = scalars(read_events(trainer.logger.log_dir))
     torch.manual_seed(0)
@@ -456,7 +477,7 @@ def test_fp16_grad_scaler_values_are_unscaled_even_for_fused_optimizers(
         assert h.sum_squares == pytest.approx(p.grad.norm().item() ** 2, rel=1e-5)
 
 
-def test_compiled_network_gives_the_same_values(tmp_path):
+def test_compiled_network_gives_the_same_values(tmp_path, either_path):
     eager, _ = fit(tmp_path / "eager", GradientMonitor(), max_epochs=3)
     compiled, _ = fit(
         tmp_path / "compiled",
@@ -493,7 +514,7 @@ class TwoOptimizers(Module):
         ]
 
 
-def test_every_optimizer_is_covered_once_per_step(tmp_path):
+def test_every_optimizer_is_covered_once_per_step(tmp_path, either_path):
     trainer, _ = fit(tmp_path, GradientMonitor(), module=TwoOptimizers, max_epochs=3)
     values = scalars(read_events(trainer.logger.log_dir))
     assert sorted(values["grad_norm/fc1.weight"]) == sorted(values["train/loss"]) == [0, 1, 2]
@@ -552,6 +573,62 @@ def test_histograms_count_the_finite_values(tmp_path):
     assert h.sum_squares == pytest.approx((w**2).sum(), rel=1e-5)
 
 
+@pytest.mark.parametrize("clip", [None, 10.0])
+def test_nonfinite_values_are_counted_per_layer(tmp_path, either_path, clip):
+    """Counted before clipping, which turns every gradient NaN once the total is NaN."""
+
+    def corrupt(module):
+        net = module.net
+        net.fc1.weight.grad[0, 0] = float("nan")
+        net.fc1.weight.grad[1, 1] = float("inf")
+        net.fc1.bias.grad.fill_(0.5)
+        net.fc2.bias.grad.fill_(float("-inf"))
+
+    with pytest.warns(GradientAlert, match="non-finite gradients at step 0 .*fc1 \\(2 values\\)"):
+        trainer, _ = fit(
+            tmp_path,
+            GradientMonitor(histogram_every_n_steps=0, norm_types=[2, "inf", 1]),
+            module=lambda: Module(net=Net((2, 3, 1)), after_backward=corrupt),
+            max_epochs=1,
+            gradient_clip_val=clip,
+        )
+    values = {tag: v[0] for tag, v in scalars(read_events(trainer.logger.log_dir)).items()}
+    assert values["grad_nonfinite/fc1"] == 2
+    assert values["grad_nonfinite/fc2"] == 1
+    assert values["grad_nonfinite/total"] == 3
+    for family in ("grad_norm", "grad_norm_inf", "grad_norm_1"):
+        assert math.isnan(values[f"{family}/fc1.weight"])  # NaN wins over Inf, as in torch
+        assert values[f"{family}/fc2.bias"] == math.inf
+    assert values["grad_norm/fc1.bias"] == pytest.approx(math.sqrt(3 * 0.5**2))
+    assert values["grad_norm_inf/fc1.bias"] == 0.5
+    assert values["grad_norm_1/fc1.bias"] == pytest.approx(1.5)
+
+
+def test_host_and_device_paths_log_the_same_values(tmp_path, monkeypatch):
+    """Small CPU models are read on the host in double precision; the torch path works in the
+    parameters' dtype: every scalar of a run agrees to float32's precision."""
+    runs = {}
+    for path, limit in (("host", 10**9), ("device", 0)):
+        monkeypatch.setattr(monitor_module, "_HOST_MAX_NUMEL", limit)
+        trainer, _ = fit(
+            tmp_path / path,
+            GradientMonitor(norm_types=[2, "inf", 1, 3], histogram_every_n_steps=0),
+            module=lambda: Module(optimizer=lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9)),
+            max_epochs=20,
+            log_every_n_steps=3,
+            gradient_clip_val=0.3,
+        )
+        runs[path] = scalars(read_events(trainer.logger.log_dir))
+    host, device = runs["host"], runs["device"]
+    assert host.keys() == device.keys()
+    assert (
+        len([t for t in host if t.startswith(("grad_norm", "weight_norm", "update_ratio"))]) == 35
+    )
+    for tag in host:
+        assert host[tag].keys() == device[tag].keys() == {2, 5, 8, 11, 14, 17}, tag
+        assert host[tag] == pytest.approx(device[tag], rel=1e-6, abs=1e-12), tag
+
+
 def test_large_tensors_get_the_same_bins_as_torch_histc(tmp_path):
     """Tensors of 4096 values and more are binned with bincount on CPU: the counts, min, max,
     sum and sum of squares of a 2-4096-1 network, against torch.histc in plain PyTorch."""
@@ -600,7 +677,7 @@ def test_bincount_path_equals_torch_histc(scale):
     assert _histc_(x, 64, lo, hi, finite=False).sum().item() == finite.numel()
 
 
-def test_nonfinite_stop_names_the_first_bad_step(tmp_path):
+def test_nonfinite_stop_names_the_first_bad_step(tmp_path, either_path):
     def corrupt(module):
         if module.global_step == 7:
             module.net.fc2.weight.grad[0, 0] = float("nan")
