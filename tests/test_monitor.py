@@ -265,18 +265,25 @@ def test_nothing_at_all_on_other_steps_and_one_transfer_on_logging_steps(
 
     monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
 
+    calls: list[tuple[str, int]] = []
+
     def wrap(hook):
-        def wrapped(trainer, *args):
+        def wrapped(self, trainer, *args):
             current["step"] = trainer.fit_loop.epoch_loop._batches_that_stepped
+            calls.append((hook.__name__, current["step"]))
             with OpCounter() as counter:
-                hook(trainer, *args)
+                hook(self, trainer, *args)
             ops.setdefault(current["step"], []).extend(counter.ops)
 
         return wrapped
 
-    monitor.on_before_optimizer_step = wrap(monitor.on_before_optimizer_step)
-    monitor.on_train_batch_end = wrap(monitor.on_train_batch_end)
+    # On the class: the monitor shows and hides its instance's on_train_batch_end.
+    for name in ("on_before_optimizer_step", "on_train_batch_end"):
+        monkeypatch.setattr(GradientMonitor, name, wrap(getattr(GradientMonitor, name)))
     fit(tmp_path, monitor, max_epochs=16)
+    # Lightning dispatches the finishing hook only on the steps that collected.
+    assert [step for name, step in calls if name == "on_train_batch_end"] == [3, 7, 11, 15]
+    assert len([step for name, step in calls if name == "on_before_optimizer_step"]) == 16
     for step in range(16):
         if (step + 1) % 4:
             assert ops[step] == [], f"step {step} ran {ops[step]}"

@@ -118,8 +118,12 @@ def test_unused_step_hooks_are_skipped_and_used_ones_still_run(tmp_path):
 def test_gradwatch_callbacks_skip_the_step_hooks_they_do_not_use(make_cfg, tmp_path):
     trainer = build_trainer(make_cfg(), tmp_path)
     monitor = next(c for c in trainer.callbacks if isinstance(c, GradientMonitor))
-    assert callable(monitor.on_before_optimizer_step) and callable(monitor.on_train_batch_end)
+    assert callable(monitor.on_before_optimizer_step)
+    # Shown on the steps that collect only (GradientMonitor.__init__; tested in test_monitor).
+    assert monitor.on_train_batch_end is None
     for callback in trainer.callbacks:
         for name in STEP_HOOKS:
+            if callback is monitor and name == "on_train_batch_end":
+                continue
             overridden = getattr(type(callback), name) is not getattr(pl.Callback, name)
             assert callable(getattr(callback, name)) == overridden, (callback, name)

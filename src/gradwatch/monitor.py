@@ -212,14 +212,18 @@ class GradientMonitor(Callback):
         self._names: dict[int, str] = {}
         self._pending: list[dict[str, Any]] = []
         self._plans: dict[tuple[int, bool], _Plan] = {}
+        self._tags: dict[tuple[str, ...], _Tags] = {}
         self._step: int = -1
         self._write_scalars = False
         self._write_hist = False
         # Stop mode: the first step with a non-finite gradient, kept on device (no sync).
         self._first_bad_step: Tensor | None = None
         self._reset_state()
-        # Lightning's dispatch passes over the per-step hooks this class does not use.
+        # Lightning's dispatch passes over the per-step hooks this class does not use, and over
+        # `on_train_batch_end` on the steps that collect nothing (49 in 50): it is None on the
+        # instance but on the steps that do (`on_before_optimizer_step` shows it).
         skip_unused_step_hooks(self)
+        self.on_train_batch_end = None  # type: ignore[method-assign,assignment]
 
     def _reset_state(self) -> None:
         # Everything here is plain Python (host values from the packed transfer): it is the
@@ -302,6 +306,7 @@ class GradientMonitor(Callback):
         self._pending.append(
             self._collect(trainer, optimizer, _optimizer_params(optimizer), write_hist)
         )
+        self.__dict__.pop("on_train_batch_end", None)  # the class's hook, for this step
 
     @override
     def on_train_batch_end(
@@ -312,6 +317,7 @@ class GradientMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        self.on_train_batch_end = None  # type: ignore[method-assign,assignment]
         if not self._pending:
             return
         pending, self._pending = self._pending, []
@@ -321,6 +327,7 @@ class GradientMonitor(Callback):
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._pending = []
+        self.on_train_batch_end = None  # type: ignore[method-assign,assignment]
         if not self._enabled or not trainer.is_global_zero:
             return
         summary = self.summary()
@@ -522,10 +529,9 @@ class GradientMonitor(Callback):
             return
         self._count_nonfinite_where_needed(pending, values)
         scale = values.get(("scale", ""), 1.0)
-        names = [n for item in pending for n in item["plan"].grad_names]
         all_names = [n for item in pending for n in item["plan"].all_names]
         scaler = any(item["plan"].scaler is not None for item in pending)
-        metrics = self._analyse(trainer, values, names, all_names, scale, scaler)
+        metrics = self._analyse(trainer, values, all_names, scale, scaler)
         if not trainer.is_global_zero:
             # Other ranks hold the same all-reduced gradients: they keep the same alert state (so
             # `should_stop` agrees on every rank without a collective) but write nothing.
@@ -665,52 +671,50 @@ class GradientMonitor(Callback):
         self,
         trainer: "pl.Trainer",
         values: dict[tuple[str, str], float],
-        names: list[str],
         all_names: list[str],
         scale: float,
         scaler: bool,
     ) -> dict[str, float]:
+        tags = self._tags.get(tuple(all_names))
+        if tags is None:
+            tags = self._tags[tuple(all_names)] = _Tags(all_names, self.norm_types)
+        layers = tags.layers
         metrics: dict[str, float] = {}
-        layers: dict[str, list[str]] = {}
-        for n in all_names:
-            layers.setdefault(_layer(n), []).append(n)
         layer_norm: dict[str, float] = {}
         total = 0.0
-        for ord_ in self.norm_types:
-            family = "grad_norm" if ord_ == 2.0 else f"grad_norm_{_format_ord(ord_)}"
-            per_param = {n: values.get((f"norm{ord_}", n), 0.0) / scale for n in all_names}
-            for n, v in per_param.items():
-                metrics[f"{family}/{n}"] = v
+        for ord_, keys, param_tags, layer_tags, total_tag in tags.norms:
+            per_param = {
+                n: values.get(k, 0.0) / scale for n, k in zip(all_names, keys, strict=True)
+            }
+            metrics.update(zip(param_tags, per_param.values(), strict=True))
             per_layer = {
                 lay: _combine([per_param[n] for n in ps], ord_) for lay, ps in layers.items()
             }
-            for lay, v in per_layer.items():
-                metrics[f"{family}/{lay}"] = v
-            metrics[f"{family}/total"] = _combine(list(per_layer.values()), ord_)
+            metrics.update(zip(layer_tags, per_layer.values(), strict=True))
+            metrics[total_tag] = _combine(list(per_layer.values()), ord_)
             if ord_ == 2.0:
-                layer_norm, total = per_layer, metrics[f"{family}/total"]
+                layer_norm, total = per_layer, metrics[total_tag]
         if ("clipped_total", "") in values:
             metrics["grad_norm/total_clipped"] = values[("clipped_total", "")] / scale
         nonfinite = {
             lay: sum(values.get(("nonfinite", n), 0.0) for n in ps) for lay, ps in layers.items()
         }
-        for lay, v in nonfinite.items():
-            metrics[f"grad_nonfinite/{lay}"] = v
+        metrics.update(zip(tags.nonfinite, nonfinite.values(), strict=True))
         metrics["grad_nonfinite/total"] = sum(nonfinite.values())
         if self.log_weight_norms:
-            for n in all_names:
-                if ("weight_norm", n) in values:
-                    metrics[f"weight_norm/{n}"] = values[("weight_norm", n)]
+            for key, tag in tags.weight_norms:
+                if key in values:
+                    metrics[tag] = values[key]
         ratios: dict[str, float] = {}
         if self.log_update_ratio:
-            for lay, ps in layers.items():
+            for (lay, ps), tag in zip(layers.items(), tags.update_ratios, strict=True):
                 if not all(("update", n) in values for n in ps):
                     continue
                 delta = math.sqrt(sum(values[("update", n)] ** 2 for n in ps))
                 weight = math.sqrt(sum(values[("weight_norm", n)] ** 2 for n in ps))
                 if weight > 0:
                     ratios[lay] = delta / weight
-                    metrics[f"update_ratio/{lay}"] = ratios[lay]
+                    metrics[tag] = ratios[lay]
         if self._write_scalars:
             self._record(layer_norm, total, ratios)
             loss = values.get(("loss", ""))
@@ -924,6 +928,31 @@ class GradientMonitor(Callback):
         ax.legend(fontsize="small")
         fig.tight_layout()
         fig.savefig(path, dpi=100)
+
+
+class _Tags:
+    """The metric tags of a logging step's parameters, made once per set of names: per norm type
+    (order, packed keys, parameter tags, layer tags, total tag), then per layer or parameter."""
+
+    def __init__(self, names: list[str], norm_types: list[float]) -> None:
+        self.layers: dict[str, list[str]] = {}
+        for n in names:
+            self.layers.setdefault(_layer(n), []).append(n)
+        self.norms = []
+        for ord_ in norm_types:
+            family = "grad_norm" if ord_ == 2.0 else f"grad_norm_{_format_ord(ord_)}"
+            self.norms.append(
+                (
+                    ord_,
+                    [(f"norm{ord_}", n) for n in names],
+                    [f"{family}/{n}" for n in names],
+                    [f"{family}/{lay}" for lay in self.layers],
+                    f"{family}/total",
+                )
+            )
+        self.nonfinite = [f"grad_nonfinite/{lay}" for lay in self.layers]
+        self.weight_norms = [(("weight_norm", n), f"weight_norm/{n}") for n in names]
+        self.update_ratios = [f"update_ratio/{lay}" for lay in self.layers]
 
 
 class _Plan:
