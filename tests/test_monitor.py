@@ -233,6 +233,22 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def test_a_subclass_that_overrides_on_train_batch_end_gets_every_step(tmp_path):
+    """The monitor hides its own on_train_batch_end on steps that collect nothing, not a
+    subclass's."""
+
+    class Counting(GradientMonitor):
+        steps: list[int] = []
+
+        def on_train_batch_end(self, trainer, *args):
+            Counting.steps.append(trainer.global_step)
+            super().on_train_batch_end(trainer, *args)
+
+    trainer, _ = fit(tmp_path, Counting(log_every_n_steps=4), max_epochs=8)
+    assert Counting.steps == list(range(1, 9))
+    assert sorted(scalars(read_events(trainer.logger.log_dir))["grad_norm/total"]) == [3, 7]
+
+
 @pytest.fixture
 def on_device(monkeypatch):
     """The monitor's torch path (every model on a GPU, and larger ones on the CPU) for the

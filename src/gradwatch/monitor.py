@@ -225,7 +225,7 @@ class GradientMonitor(Callback):
         # `on_train_batch_end` on the steps that collect nothing (49 in 50): it is None on the
         # instance but on the steps that do (`on_before_optimizer_step` shows it).
         skip_unused_step_hooks(self)
-        self.on_train_batch_end = None  # type: ignore[method-assign,assignment]
+        self._hide_finish_hook()
 
     def _reset_state(self) -> None:
         # Everything here is plain Python (host values from the packed transfer): it is the
@@ -319,7 +319,7 @@ class GradientMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        self.on_train_batch_end = None  # type: ignore[method-assign,assignment]
+        self._hide_finish_hook()
         if not self._pending:
             return
         pending, self._pending = self._pending, []
@@ -329,7 +329,7 @@ class GradientMonitor(Callback):
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._pending = []
-        self.on_train_batch_end = None  # type: ignore[method-assign,assignment]
+        self._hide_finish_hook()
         if not self._enabled or not trainer.is_global_zero:
             return
         summary = self.summary()
@@ -368,6 +368,11 @@ class GradientMonitor(Callback):
     # ------------------------------------------------------------------------------------------
     # On device: collect before the step, finish after it
     # ------------------------------------------------------------------------------------------
+
+    def _hide_finish_hook(self) -> None:
+        # A subclass that overrides the hook keeps it on every step.
+        if type(self).on_train_batch_end is GradientMonitor.on_train_batch_end:
+            self.on_train_batch_end = None  # type: ignore[method-assign,assignment]
 
     def _name(self, param: Tensor, index: int) -> str:
         return self._names.get(id(param), f"param{index}")
