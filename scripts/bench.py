@@ -217,12 +217,10 @@ class Interleaver:
         for pair in range(len(self.on) // 2):
             a, b = 2 * pair, 2 * pair + 1
             first, last = a * self.block, (b + 1) * self.block  # the pair's steps
-            # An epoch starting at step s runs its set-up (the shuffle) before s: in s - 1's block.
-            if self.epoch_steps and first // self.epoch_steps != last // self.epoch_steps:
-                continue
-            # A checkpoint is saved after step s when (s + 1) is a multiple of its cadence.
-            every = self.checkpoint_every
-            if every and first // every != last // every:
+            # An epoch starting at step s runs its set-up (the shuffle) before s, and a checkpoint
+            # is saved after step s - 1 when s is a multiple of its cadence: both in s - 1's block.
+            cadences = (self.epoch_steps, self.checkpoint_every)
+            if any(every and first // every != last // every for every in cadences):
                 continue
             with_, without = (a, b) if self.on[a] else (b, a)
             # The block's last step writes histograms when (step + 1) is a multiple of the cadence.

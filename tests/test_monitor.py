@@ -249,24 +249,22 @@ def test_a_subclass_that_overrides_on_train_batch_end_gets_every_step(tmp_path):
     assert sorted(scalars(read_events(trainer.logger.log_dir))["grad_norm/total"]) == [3, 7]
 
 
-@pytest.fixture
-def on_device(monkeypatch):
-    """The monitor's torch path (every model on a GPU, and larger ones on the CPU) for the
-    tutorial's network too, which it otherwise reads on the host."""
-    monkeypatch.setattr(monitor_module, "_HOST_MAX_NUMEL", 0)
+# The monitor's two paths for scalar steps, whatever the model's size: Python floats on the host,
+# or torch ops on the parameters' device (every model on a GPU, larger ones on the CPU).
+HOST_MAX_NUMEL = {"host": 10**9, "device": 0}
 
 
 @pytest.fixture(params=["host", "device"])
 def either_path(request, monkeypatch):
-    """A test run on both of the monitor's paths for scalar steps, whatever the model's size:
-    Python floats on the host, or torch ops on the parameters' device."""
-    limit = 10**9 if request.param == "host" else 0
-    monkeypatch.setattr(monitor_module, "_HOST_MAX_NUMEL", limit)
+    """A test run on both of the monitor's paths (or on the one given with `indirect`)."""
+    monkeypatch.setattr(monitor_module, "_HOST_MAX_NUMEL", HOST_MAX_NUMEL[request.param])
     return request.param
 
 
+# The torch path, as on a GPU: the tutorial's network is otherwise read on the host.
+@pytest.mark.parametrize("either_path", ["device"], indirect=True)
 def test_nothing_at_all_on_other_steps_and_one_transfer_on_logging_steps(
-    tmp_path, monkeypatch, on_device
+    tmp_path, monkeypatch, either_path
 ):
     """Every tensor op the monitor's hooks run, and every `.tolist()`, counted per step."""
     monitor = GradientMonitor(log_every_n_steps=4, histogram_every_n_steps=8)
@@ -631,7 +629,7 @@ def test_host_and_device_paths_log_the_same_values(tmp_path, monkeypatch):
     """Small CPU models are read on the host in double precision; the torch path works in the
     parameters' dtype: every scalar of a run agrees to float32's precision."""
     runs = {}
-    for path, limit in (("host", 10**9), ("device", 0)):
+    for path, limit in HOST_MAX_NUMEL.items():
         monkeypatch.setattr(monitor_module, "_HOST_MAX_NUMEL", limit)
         trainer, _ = fit(
             tmp_path / path,

@@ -214,7 +214,6 @@ class GradientMonitor(Callback):
         self._names: dict[int, str] = {}
         self._pending: list[dict[str, Any]] = []
         self._plans: dict[tuple[int, bool], _Plan] = {}
-        self._tags: dict[tuple[str, ...], _Tags] = {}
         self._step: int = -1
         self._write_scalars = False
         self._write_hist = False
@@ -409,6 +408,7 @@ class GradientMonitor(Callback):
         CPU models on the host (see `_Plan.on_host`)."""
         plan = self._plan(trainer, optimizer, params, hist)
         pending = self._collect_on_host(plan) if plan.on_host else self._collect_on_device(plan)
+        # The plan's keys are shared by its steps: extended here as a copy.
         keys, parts = pending["keys"], pending["parts"]
         if self.on_nonfinite == "stop" and self._first_bad_step is not None:
             keys = [*keys, ("first_bad_step", "")]
@@ -496,7 +496,7 @@ class GradientMonitor(Callback):
             parts += item["parts"]
             if "values" in item:  # taken on the host
                 values.update(item["values"])
-                if "host_snapshots" in item and self.log_update_ratio:
+                if "host_snapshots" in item:  # taken for update ratios only (no histograms)
                     plan = item["plan"]
                     for name, weight, before in zip(
                         plan.weight_names, plan.weights, item["host_snapshots"], strict=True
@@ -682,46 +682,47 @@ class GradientMonitor(Callback):
         scale: float,
         scaler: bool,
     ) -> dict[str, float]:
-        tags = self._tags.get(tuple(all_names))
-        if tags is None:
-            tags = self._tags[tuple(all_names)] = _Tags(all_names, self.norm_types)
-        layers = tags.layers
         metrics: dict[str, float] = {}
+        layers: dict[str, list[str]] = {}
+        for n in all_names:
+            layers.setdefault(_layer(n), []).append(n)
         layer_norm: dict[str, float] = {}
         total = 0.0
-        for ord_, keys, param_tags, layer_tags, total_tag in tags.norms:
-            per_param = {
-                n: values.get(k, 0.0) / scale for n, k in zip(all_names, keys, strict=True)
-            }
-            metrics.update(zip(param_tags, per_param.values(), strict=True))
+        for ord_ in self.norm_types:
+            family = "grad_norm" if ord_ == 2.0 else f"grad_norm_{_format_ord(ord_)}"
+            per_param = {n: values.get((f"norm{ord_}", n), 0.0) / scale for n in all_names}
+            for n, v in per_param.items():
+                metrics[f"{family}/{n}"] = v
             per_layer = {
                 lay: _combine([per_param[n] for n in ps], ord_) for lay, ps in layers.items()
             }
-            metrics.update(zip(layer_tags, per_layer.values(), strict=True))
-            metrics[total_tag] = _combine(list(per_layer.values()), ord_)
+            for lay, v in per_layer.items():
+                metrics[f"{family}/{lay}"] = v
+            metrics[f"{family}/total"] = _combine(list(per_layer.values()), ord_)
             if ord_ == 2.0:
-                layer_norm, total = per_layer, metrics[total_tag]
+                layer_norm, total = per_layer, metrics[f"{family}/total"]
         if ("clipped_total", "") in values:
             metrics["grad_norm/total_clipped"] = values[("clipped_total", "")] / scale
         nonfinite = {
             lay: sum(values.get(("nonfinite", n), 0.0) for n in ps) for lay, ps in layers.items()
         }
-        metrics.update(zip(tags.nonfinite, nonfinite.values(), strict=True))
+        for lay, v in nonfinite.items():
+            metrics[f"grad_nonfinite/{lay}"] = v
         metrics["grad_nonfinite/total"] = sum(nonfinite.values())
         if self.log_weight_norms:
-            for key, tag in tags.weight_norms:
-                if key in values:
-                    metrics[tag] = values[key]
+            for n in all_names:
+                if ("weight_norm", n) in values:
+                    metrics[f"weight_norm/{n}"] = values[("weight_norm", n)]
         ratios: dict[str, float] = {}
         if self.log_update_ratio:
-            for (lay, ps), tag in zip(layers.items(), tags.update_ratios, strict=True):
+            for lay, ps in layers.items():
                 if not all(("update", n) in values for n in ps):
                     continue
                 delta = math.sqrt(sum(values[("update", n)] ** 2 for n in ps))
                 weight = math.sqrt(sum(values[("weight_norm", n)] ** 2 for n in ps))
                 if weight > 0:
                     ratios[lay] = delta / weight
-                    metrics[tag] = ratios[lay]
+                    metrics[f"update_ratio/{lay}"] = ratios[lay]
         if self._write_scalars:
             self._record(layer_norm, total, ratios)
             loss = values.get(("loss", ""))
@@ -937,31 +938,6 @@ class GradientMonitor(Callback):
         fig.savefig(path, dpi=100)
 
 
-class _Tags:
-    """The metric tags of a logging step's parameters, made once per set of names: per norm type
-    (order, packed keys, parameter tags, layer tags, total tag), then per layer or parameter."""
-
-    def __init__(self, names: list[str], norm_types: list[float]) -> None:
-        self.layers: dict[str, list[str]] = {}
-        for n in names:
-            self.layers.setdefault(_layer(n), []).append(n)
-        self.norms = []
-        for ord_ in norm_types:
-            family = "grad_norm" if ord_ == 2.0 else f"grad_norm_{_format_ord(ord_)}"
-            self.norms.append(
-                (
-                    ord_,
-                    [(f"norm{ord_}", n) for n in names],
-                    [f"{family}/{n}" for n in names],
-                    [f"{family}/{lay}" for lay in self.layers],
-                    f"{family}/total",
-                )
-            )
-        self.nonfinite = [f"grad_nonfinite/{lay}" for lay in self.layers]
-        self.weight_norms = [(("weight_norm", n), f"weight_norm/{n}") for n in names]
-        self.update_ratios = [f"update_ratio/{lay}" for lay in self.layers]
-
-
 class _Plan:
     """What a logging step computes for one optimizer's parameters, worked out once: names,
     groups of one device and dtype (one foreach kernel each), the keys of the packed values in
@@ -1157,7 +1133,7 @@ def _all_norms(tensors: list[Tensor], ord_: float) -> list[Tensor]:
 
 def _host_values(tensor: Tensor) -> list[float]:
     """The tensor's values as a flat list of Python floats (exact: a double holds any float32)."""
-    values = tensor.tolist()
+    values = tensor.tolist()  # nested lists; flattened in Python (a reshape is a torch op)
     if tensor.dim() == 0:
         return [values]
     for _ in range(tensor.dim() - 1):
