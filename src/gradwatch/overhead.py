@@ -1,5 +1,10 @@
 """Costs that Lightning and TensorBoard charge on every step, and equivalents that cost less.
 
+They change Lightning's or TensorBoard's behaviour for the whole process, so the library never
+applies them: the command line does, all at once, through :func:`apply_speedups` and
+:class:`NoProfiler` (``speedups: true`` in ``conf/config.yaml``; ``speedups=false`` turns every
+one of them off, to rule them out when something looks wrong). The four:
+
 The tutorial trains 5000 one-step epochs of under 1 ms each, so a few microseconds a step show:
 
 - Lightning wraps every hook call (about 20 a step, plus about 8 for every callback) in
@@ -85,8 +90,30 @@ def use_fast_crc32c() -> bool:
     return True
 
 
+def apply_speedups(callbacks: list[Callback]) -> list[Callback]:
+    """Every speed-up of this module but the profiler (the caller passes ``NoProfiler()`` when no
+    other profiler is asked for): TensorBoard's checksums in C, the per-step hooks that each
+    callback leaves as Lightning's no-op skipped, and the datamodule's unused batch-transfer hooks
+    skipped once it is attached. Returns the callbacks to give the Trainer."""
+    use_fast_crc32c()
+    callbacks = [*callbacks, SkipUnusedBatchHooks()]
+    for callback in callbacks:
+        skip_unused_step_hooks(callback)
+    return callbacks
+
+
+class SkipUnusedBatchHooks(Callback):
+    """Applies :func:`skip_unused_batch_hooks` to the Trainer's datamodule in ``setup``, when
+    Lightning has attached it."""
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if trainer.datamodule is not None:
+            skip_unused_batch_hooks(trainer.datamodule)
+
+
 def skip_unused_batch_hooks(datamodule: pl.LightningDataModule) -> bool:
-    """Call from the datamodule's ``setup``: if it overrides none of the batch-transfer hooks,
+    """Once the datamodule is attached: if it overrides none of the batch-transfer hooks,
     Lightning's per-batch selector stops asking it. True if it did. Lightning's own data connector
     holds the selector; where it is not as expected (another Lightning), nothing changes."""
     trainer = datamodule.trainer

@@ -31,6 +31,8 @@ import numpy as np
 import yaml
 from tensorboard.backend.event_processing import event_accumulator as ea
 
+from gradwatch.layers import layer_of
+
 EVENT_PREFIX = "events.out.tfevents"
 # Everything for scalars, histograms and text (alerts, hparams); images and audio are not used.
 SIZE_GUIDANCE = {
@@ -180,10 +182,6 @@ def label_runs(runs: list[Run]) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _layer(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else name
-
-
 def _family(run: Run, family: str) -> dict[str, tuple[list[int], list[float]]]:
     prefix = family + "/"
     return {t[len(prefix) :]: v for t, v in run.scalars.items() if t.startswith(prefix)}
@@ -193,13 +191,13 @@ def layer_series(run: Run) -> dict[str, tuple[list[int], list[float]]]:
     """`grad_norm/<layer>` per layer (`total` excluded); from the parameters' norms if only those
     were logged. A tag is a parameter when its name minus the last `.part` is also a tag."""
     norms = {k: v for k, v in _family(run, "grad_norm").items() if not k.startswith("total")}
-    layers = {k: v for k, v in norms.items() if not (_layer(k) != k and _layer(k) in norms)}
+    layers = {k: v for k, v in norms.items() if not (layer_of(k) != k and layer_of(k) in norms)}
     if layers:
         return layers
     out: dict[str, tuple[list[int], list[float]]] = {}
     groups: dict[str, list[str]] = {}
     for name in norms:
-        groups.setdefault(_layer(name), []).append(name)
+        groups.setdefault(layer_of(name), []).append(name)
     for lay, names in groups.items():
         steps = norms[names[0]][0]
         squares = np.sum([np.square(norms[n][1], dtype=np.float64) for n in names], axis=0)
@@ -226,7 +224,7 @@ def layer_table(run: Run) -> dict[str, dict[str, float | None]]:
         if lay == "total":
             params = list(weights)
         else:
-            params = [n for n in weights if n == lay or _layer(n) == lay]
+            params = [n for n in weights if n == lay or layer_of(n) == lay]
         lasts = [_last(weights[n]) for n in params]
         rows[lay] = {
             "first": values[0] if values else None,
@@ -370,16 +368,7 @@ def plot_grad_norms(runs: list[Run], out: Path) -> Path | None:
     if len(runs) == 1:
         fig = _figure(8, 4.5)
         ax = fig.add_subplot()
-        for lay, color in zip(layers, _colors(len(layers)), strict=True):
-            steps, values = series[id(runs[0])][lay]
-            style = "k--" if lay == "total" else "-"
-            ax.plot(
-                steps,
-                _positive(values),
-                style,
-                label=lay,
-                **({} if style != "-" else {"color": color}),
-            )
+        _plot_layers(ax, series[id(runs[0])])
         axes = [ax]
         ax.set_title("Gradient L2 norm per layer")
     else:
@@ -400,6 +389,39 @@ def plot_grad_norms(runs: list[Run], out: Path) -> Path | None:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize="small")
     return _save(fig, out / "grad_norms.png")
+
+
+def _plot_layers(ax, series: dict[str, tuple[list[int], list[float]]]) -> None:
+    """Every layer's series on one log axis, a colour each; totals dashed black."""
+    layers = [lay for lay in series if not lay.startswith("total")]
+    for lay, color in zip(layers, _colors(len(layers)), strict=True):
+        ax.plot(*_gaps(series[lay]), "-", color=color, label=lay)
+    for key in (k for k in series if k.startswith("total")):
+        ax.plot(*_gaps(series[key]), "k--", label=key)
+
+
+def _gaps(points: tuple[list[int], list[float]]) -> tuple[list[int], list[float]]:
+    steps, values = points
+    return steps, _positive(values)
+
+
+def save_grad_flow(history: dict[str, Any], path: str | Path) -> Path | None:
+    """``grad_flow.png`` from a monitor's history (:attr:`GradientMonitor.history`): every layer's
+    gradient L2 norm over the steps, the total dashed, log scale. None if nothing was logged."""
+    steps = history["step"]
+    if not steps:
+        return None
+    series = {lay: (steps, v) for lay, v in {**history["layers"], **history["totals"]}.items()}
+    fig = _figure(8, 5)
+    ax = fig.add_subplot()
+    _plot_layers(ax, series)
+    ax.set_yscale("log")
+    ax.set(
+        xlabel="step", ylabel="gradient L2 norm", title="Gradient flow: per-layer gradient norms"
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, Path(path))
 
 
 def plot_grad_flow(runs: list[Run], out: Path) -> Path | None:
@@ -469,7 +491,7 @@ def plot_histograms(runs: list[Run], layer: str, out: Path) -> Path | None:
             t
             for kind in HIST_KINDS
             for t in sorted(run.histograms, key=lambda t: (not t.endswith(".weight"), t))
-            if t.startswith(kind + "/") and _layer(t[len(kind) + 1 :]) == layer
+            if t.startswith(kind + "/") and layer_of(t[len(kind) + 1 :]) == layer
         ]
 
     columns = list(dict.fromkeys(t for r in runs for t in tags_of(r)))
@@ -579,7 +601,7 @@ def report(
     label_runs(runs)
     hist_layers = list(
         dict.fromkeys(
-            _layer(t.split("/", 1)[1])
+            layer_of(t.split("/", 1)[1])
             for r in runs
             for t in r.histograms
             if t.startswith(HIST_KINDS)

@@ -31,7 +31,8 @@ from gradwatch.data import InMemoryDataModule
 from gradwatch.launch import CONF_DIR, ddp_processes_for_this_job, resume_run_dir
 from gradwatch.model import MLPModule
 from gradwatch.monitor import GradientAlert, GradientMonitor
-from gradwatch.overhead import NoProfiler, skip_unused_step_hooks, use_fast_crc32c
+from gradwatch.overhead import NoProfiler, apply_speedups
+from gradwatch.report import save_grad_flow
 from gradwatch.summary import RunSummary
 from gradwatch.sweep import FAILED_FILE
 from gradwatch.validate import (
@@ -42,25 +43,29 @@ from gradwatch.validate import (
 
 log = logging.getLogger("gradwatch")
 
-# One-step epochs are the point of the tutorial's run, not a mistake to warn about.
-warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-# A dataset without a held-out split (xor) returns no validation batches on purpose.
-warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
-# Lightning 2.6 against torch 2.13: an internal deprecation, nothing a user can act on.
-warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 
+def quiet_known_warnings() -> None:
+    """The command line's console: warnings that say nothing to a user of gradwatch are left out,
+    and gradient alerts print as log lines. Process-wide, so only `main` calls it."""
+    # One-step epochs are the point of the tutorial's run, not a mistake to warn about.
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    # A dataset without a held-out split (xor) returns no validation batches on purpose.
+    warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
+    # Lightning 2.6 against torch 2.13: an internal deprecation, nothing a user can act on.
+    warnings.filterwarnings(
+        "ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"
+    )
+    python_showwarning = warnings.showwarning
 
-def show_alerts_as_log_lines(message, category, filename, lineno, file=None, line=None) -> None:
-    """Gradient alerts are for people: one clean line in the console and train.log, not a
-    warning with a source location. Other warnings are shown as Python shows them."""
-    if issubclass(category, GradientAlert):
-        log.warning(f"ALERT {message}")
-    else:
-        python_showwarning(message, category, filename, lineno, file, line)
+    def show_alerts_as_log_lines(message, category, filename, lineno, file=None, line=None):
+        # Gradient alerts are for people: one clean line in the console and train.log, not a
+        # warning with a source location.
+        if issubclass(category, GradientAlert):
+            log.warning(f"ALERT {message}")
+        else:
+            python_showwarning(message, category, filename, lineno, file, line)
 
-
-python_showwarning = warnings.showwarning
-warnings.showwarning = show_alerts_as_log_lines
+    warnings.showwarning = show_alerts_as_log_lines
 
 
 def build_trainer(
@@ -74,30 +79,31 @@ def build_trainer(
     # Extra callbacks first: their on_train_end (the run summary's fit time) runs before others'.
     callbacks = list(extra_callbacks)
     callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    for callback in callbacks:
-        skip_unused_step_hooks(callback)  # (gradwatch.overhead)
+    profiler = make_profiler(cfg.trainer.get("profiler"), run_dir)
+    if cfg.get("speedups", True):  # every process-wide speed-up (gradwatch.overhead), or none
+        callbacks = apply_speedups(callbacks)
+        profiler = profiler or NoProfiler()
     loggers = []
     for node in (cfg.get("logger") or {}).values():
         if node:
             purge = resume_step and node._target_.endswith("TensorBoardLogger")
             loggers.append(instantiate(node, **({"purge_step": resume_step} if purge else {})))
-    use_fast_crc32c()  # TensorBoard's checksums in C (gradwatch.overhead)
     return instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(run_dir),
         plugins=[AtomicCheckpointIO()],
-        profiler=make_profiler(cfg.trainer.get("profiler"), run_dir),
+        profiler=profiler,
     )
 
 
-def make_profiler(name: str | None, run_dir: Path) -> Profiler:
-    """None: `NoProfiler` (records nothing, at no cost per hook). simple, advanced or pytorch:
+def make_profiler(name: str | None, run_dir: Path) -> Profiler | None:
+    """None: Lightning's default (no profiler). simple, advanced or pytorch:
     Lightning's profiler of that name, its report written to `fit-profiler.txt` in the run
     directory (Lightning would print it at INFO level, which gradwatch's console leaves out)."""
     if name is None:
-        return NoProfiler()
+        return None
     kinds = {"simple": SimpleProfiler, "advanced": AdvancedProfiler, "pytorch": PyTorchProfiler}
     return kinds[name](dirpath=run_dir, filename="profiler")
 
@@ -145,8 +151,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # grad_flow.png is drawn after fit: reporting is not training, and matplotlib costs tenths
     # of a second that the fit time of a 5000-epoch run should not carry.
     monitor = next((c for c in trainer.callbacks if isinstance(c, GradientMonitor)), None)
-    if monitor is not None and not monitor.plot and trainer.is_global_zero:
-        monitor.save_plot(run_dir / "grad_flow.png")
+    if monitor is not None and trainer.is_global_zero:
+        save_grad_flow(monitor.history, run_dir / "grad_flow.png")
     return summary.metrics
 
 
@@ -179,6 +185,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """`gradwatch-train` and `python -m gradwatch.train`: Hydra's command line."""
+    quiet_known_warnings()
     sys.argv.extend(resume_run_dir(sys.argv[1:]))
     hydra_main()
 

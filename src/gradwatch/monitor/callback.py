@@ -1,0 +1,480 @@
+"""GradientMonitor, the Lightning callback: arguments, hooks and cadence. Every computation is
+delegated: statistics on the device (``stats``), histograms (``histograms``), tags and scalars
+(``names``, ``scalars``), alert rules (``health``) and writing (``writers``)."""
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from gradwatch.monitor import histograms, stats, writers
+from gradwatch.monitor.health import (
+    NONFINITE_POLICIES,
+    GradientAlert,
+    Health,
+    Observation,
+    Thresholds,
+    format_table,
+)
+from gradwatch.monitor.names import Tags, optimizer_params, parameter_names, stored_values
+from gradwatch.monitor.scalars import step_scalars
+from gradwatch.monitor.stats import Measurement
+
+# Strategies that shard parameters: each rank's gradients are a slice of the model's, and norms of a
+# slice are not the model's norms. Checked by name so optional back-ends need not be importable.
+SHARDED_STRATEGIES = (
+    "FSDPStrategy",
+    "DeepSpeedStrategy",
+    "ModelParallelStrategy",
+    "XLAFSDPStrategy",
+)
+# More bins than TensorBoard can show, and a bound on the memory of a histogram step.
+MAX_BINS = 10_000
+
+
+class GradientMonitor(Callback):
+    r"""Logs per-layer gradient statistics and warns when gradients go wrong.
+
+    On the steps where Lightning writes ``self.log`` values
+    (``(step + 1) % log_every_n_steps == 0``, at the same step number), the monitor reads every
+    parameter of every optimizer after accumulation, all-reduce and AMP unscaling and before
+    clipping (``on_before_optimizer_step``), and writes through every logger in ``trainer.loggers``:
+
+    - ``grad_norm/total``, ``grad_norm/<layer>``, ``grad_norm/<layer>.<param>``: L2 norms; the total
+      is the norm of the layer norms. Other ``norm_types`` go to ``grad_norm_<p>/...``
+      (``grad_norm_inf/...``, ``grad_norm_1/...``)
+    - ``grad_norm/total_clipped``: the total after clipping, when ``Trainer(gradient_clip_val=...)``
+    - ``grad_nonfinite/<layer>``, ``grad_nonfinite/total``: counts of NaN and Inf gradient values
+    - ``weight_norm/<layer>.<param>`` and ``update_ratio/<layer>``: the norm of the step's change of
+      a layer's parameters over their norm before the step (healthy training sits near 1e-3)
+
+    A parameter without a gradient at a step gets no gradient tags at that step. Where several
+    optimizers step on different steps, each gets its own total (``grad_norm/total_optimizer1``).
+    Sparse gradients (``nn.Embedding(sparse=True)``) are measured by their stored values.
+
+    Every ``histogram_every_n_steps`` it also writes ``grad_hist/<layer>.<param>`` and
+    ``weight_hist/<layer>.<param>`` (``torch.histc`` over the finite range, into ``bins`` bins) to
+    the TensorBoard logger. Alerts go to the console once per episode (as :class:`GradientAlert`
+    warnings) and to TensorBoard as text under ``alerts``. At the end of training, rank zero writes
+    ``gradients.json`` to ``trainer.default_root_dir`` and prints a per-layer table;
+    :func:`gradwatch.report.save_grad_flow` draws :attr:`history`.
+
+    Cost: on other steps the monitor does nothing (with ``on_nonfinite="stop"``, one on-device
+    finiteness check per step, never read back until the next logging step). On a logging step all
+    scalars are moved to the host in one transfer; a histogram step adds a second transfer for the
+    histogram counts.
+
+    Args:
+        log_every_n_steps: write scalars every this many optimizer steps. ``None``: the Trainer's
+            ``log_every_n_steps``, so the values line up with ``train/loss``. ``0``: never.
+        histogram_every_n_steps: write histograms every this many optimizer steps. ``None``: ten
+            times the scalar cadence. ``0``: no histograms.
+        bins: number of histogram bins (TensorBoard shows about 64 whatever is written), at most
+            10000.
+        norm_types: norms to log; ``2`` is always logged (``grad_norm/``), others such as ``1`` or
+            ``inf`` (``"inf"`` works too) in their own family ``grad_norm_<p>/``.
+        log_weight_norms: write ``weight_norm/<layer>.<param>``.
+        log_update_ratio: write ``update_ratio/<layer>`` (costs a copy of the weights on logging
+            steps). The stall alert needs it.
+        vanishing_threshold, vanishing_fraction, vanishing_patience, exploding_factor,
+        exploding_window, stall_update_ratio, stall_loss_tol, stall_patience: when the alerts
+            fire (:class:`gradwatch.monitor.health.Health`).
+        on_nonfinite: ``"warn"``: alert and continue. ``"stop"``: alert and set
+            ``trainer.should_stop``; training ends after the logging step that first sees a
+            non-finite gradient (checked on device every step, read back on logging steps).
+
+    Raises:
+        ValueError:
+            If an argument is out of its range (the message names it and the allowed values).
+        MisconfigurationException:
+            In ``setup``, with a strategy that shards parameters (FSDP, DeepSpeed, model parallel):
+            per-shard norms are not the model's norms.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from gradwatch.monitor import GradientMonitor
+        >>> monitor = GradientMonitor(norm_types=(2, "inf"), histogram_every_n_steps=500)
+        >>> trainer = Trainer(callbacks=[monitor], log_every_n_steps=50)
+
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        histogram_every_n_steps: int | None = None,
+        bins: int = 64,
+        norm_types: Sequence[float | int | str] = (2,),
+        log_weight_norms: bool = True,
+        log_update_ratio: bool = True,
+        vanishing_threshold: float = 1e-7,
+        vanishing_fraction: float = 1e-3,
+        vanishing_patience: int = 5,
+        exploding_factor: float = 10.0,
+        exploding_window: int = 50,
+        stall_update_ratio: float = 3e-4,
+        stall_loss_tol: float = 1e-2,
+        stall_patience: int = 10,
+        on_nonfinite: str = "warn",
+    ) -> None:
+        _check_int("log_every_n_steps", log_every_n_steps, minimum=0, allow_none=True)
+        _check_int("histogram_every_n_steps", histogram_every_n_steps, minimum=0, allow_none=True)
+        _check_int("bins", bins, minimum=1, maximum=MAX_BINS)
+        _check_int("vanishing_patience", vanishing_patience, minimum=1)
+        _check_int("exploding_window", exploding_window, minimum=1)
+        _check_int("stall_patience", stall_patience, minimum=2)
+        for name, value in (
+            ("vanishing_threshold", vanishing_threshold),
+            ("vanishing_fraction", vanishing_fraction),
+            ("stall_update_ratio", stall_update_ratio),
+            ("stall_loss_tol", stall_loss_tol),
+        ):
+            _check_number(name, value, "a number >= 0", lambda v: v >= 0)
+        _check_number("exploding_factor", exploding_factor, "a number > 1", lambda v: v > 1)
+        for name, value in (
+            ("log_weight_norms", log_weight_norms),
+            ("log_update_ratio", log_update_ratio),
+        ):
+            if not isinstance(value, bool):
+                raise ValueError(f"GradientMonitor: {name} must be true or false, got {value!r}")
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"GradientMonitor: on_nonfinite must be one of {list(NONFINITE_POLICIES)},"
+                f" got {on_nonfinite!r}"
+            )
+        if isinstance(norm_types, str | bytes) or not isinstance(norm_types, Sequence):
+            raise ValueError(
+                "GradientMonitor: norm_types must be a list of numbers > 0 or 'inf',"
+                f" got {norm_types!r}"
+            )
+        parsed = [_parse_norm_type(p) for p in norm_types]
+        self.norm_types = list(dict.fromkeys([2.0, *parsed]))
+        self.log_every_n_steps = log_every_n_steps
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self.bins = bins
+        self.log_weight_norms = log_weight_norms
+        self.log_update_ratio = log_update_ratio
+        self.on_nonfinite = on_nonfinite
+        self.health = Health(
+            Thresholds(
+                vanishing_threshold=float(vanishing_threshold),
+                vanishing_fraction=float(vanishing_fraction),
+                vanishing_patience=vanishing_patience,
+                exploding_factor=float(exploding_factor),
+                exploding_window=exploding_window,
+                stall_update_ratio=float(stall_update_ratio),
+                stall_loss_tol=float(stall_loss_tol),
+                stall_patience=stall_patience,
+                on_nonfinite=on_nonfinite,
+            )
+        )
+        # Resolved in `on_train_start`, once the loggers, optimizers and module are known.
+        self._enabled = True
+        self._scalar_every = 0
+        self._hist_every = 0
+        self._tb: TensorBoardLogger | None = None
+        self._names: dict[int, str] = {}
+        self._tags = Tags([])
+        self._pending: list[Measurement] = []
+        self._step = -1
+        self._write_scalars = self._write_hist = False
+        self._measured_once = self._warned_unmeasured = False
+        # Stop mode: the first step with a non-finite gradient, kept on device (no sync).
+        self._first_bad_step: Tensor | None = None
+
+    @property
+    def history(self) -> dict[str, Any]:
+        """Steps and per-layer and total L2 norms of every scalar step so far, and the last update
+        ratio of each layer: what :func:`gradwatch.report.save_grad_flow` draws."""
+        return self.health.history
+
+    def summary(self) -> dict[str, Any]:
+        """The per-layer summary written to ``gradients.json``: first, last, min and max of each
+        layer's gradient norm, its last update ratio and its alert counts, and every alert."""
+        return self.health.summary()
+
+    # ------------------------------------------------------------------------------------------
+    # Lightning hooks
+    # ------------------------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        strategy = type(trainer.strategy)
+        if any(cls.__name__ in SHARDED_STRATEGIES for cls in strategy.__mro__):
+            raise MisconfigurationException(
+                f"GradientMonitor does not support {strategy.__name__}: each rank holds a shard of"
+                " the parameters, and norms of a shard are not the model's norms. Use a DDP"
+                " strategy (`ddp`, `ddp_spawn`) or remove the monitor from the callbacks."
+            )
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._enabled = bool(trainer.loggers)
+        if not self._enabled:
+            rank_zero_warn(
+                "GradientMonitor: the Trainer has no logger, so there is nowhere to write gradient"
+                " statistics; the monitor is off for this run.",
+                category=GradientAlert,
+            )
+            return
+        every = self.log_every_n_steps
+        self._scalar_every = trainer.log_every_n_steps if every is None else every
+        every = self.histogram_every_n_steps
+        self._hist_every = 10 * self._scalar_every if every is None else every
+        self._tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if self._hist_every and self._tb is None:
+            others = ", ".join(type(lg).__name__ for lg in trainer.loggers)
+            rank_zero_warn(
+                "GradientMonitor: histograms need a TensorBoardLogger and the loggers are"
+                f" {others}; scalars go to every logger, histograms are off for this run.",
+                category=GradientAlert,
+            )
+            self._hist_every = 0
+        self._names = parameter_names(pl_module)
+        self._tags = Tags(list(self._names.values()), num_optimizers=len(trainer.optimizers))
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Optimizer
+    ) -> None:
+        if not self._enabled:
+            return
+        self._measured_once = True
+        # Lightning's own logging writes when `(_batches_that_stepped + 1) % log_every_n_steps == 0`
+        # (or when stopping), at step `_batches_that_stepped`, which counts batches that stepped
+        # (not optimizer steps: several optimizers in one batch share a step). No public attribute
+        # has this meaning, so read the one Lightning's logger connector reads.
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        every = self._scalar_every
+        write_scalars = every > 0 and ((step + 1) % every == 0 or trainer.should_stop)
+        write_hist = self._hist_every > 0 and (step + 1) % self._hist_every == 0
+        if not (write_scalars or write_hist):
+            if self.on_nonfinite == "stop":
+                self._track_nonfinite(optimizer_params(optimizer), step)
+            return  # the common case: nothing at all
+        params = optimizer_params(optimizer)
+        self._step, self._write_scalars, self._write_hist = step, write_scalars, write_hist
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        # Optimizers that unscale inside `step()` (fused ones) leave this hook scaled gradients:
+        # Lightning does not unscale them, so the values are divided by the scaler's scale.
+        scaled = scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False)
+        names = [self._names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+        self._pending.append(
+            stats.measure(
+                optimizer_index=_index_of(optimizer, trainer.optimizers),
+                params=params,
+                names=names,
+                norm_types=self.norm_types,
+                # Clipping rescales NaN/Inf gradients in place after this hook: count them now.
+                count_nonfinite_now=bool(trainer.gradient_clip_val),
+                weight_norms=self.log_weight_norms or self.log_update_ratio or write_hist,
+                snapshot=self.log_update_ratio or write_hist,
+                copy_grads=write_hist,
+                scale=scaler._get_scale_async() if scaled else None,
+            )
+        )
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: "pl.Trainer",
+        pl_module: "pl.LightningModule",
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not self._pending:
+            if not (self._measured_once or self._warned_unmeasured):
+                self._warn_if_stepped_outside_lightning(trainer, pl_module)
+            return
+        pending, self._pending = self._pending, []
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        self._finish(trainer, pending, loss if isinstance(loss, Tensor) else None)
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._pending = []
+        if not self._enabled or not trainer.is_global_zero:
+            return
+        summary = self.summary()
+        os.makedirs(trainer.default_root_dir, exist_ok=True)
+        with open(os.path.join(trainer.default_root_dir, "gradients.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        if summary["steps"]:
+            print(format_table(summary))
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self.health.state_dict()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.health.load_state_dict(state_dict)
+
+    # ------------------------------------------------------------------------------------------
+    # A logging step: measured before the optimizer step, finished after it
+    # ------------------------------------------------------------------------------------------
+
+    def _finish(
+        self, trainer: "pl.Trainer", pending: list[Measurement], loss: Tensor | None
+    ) -> None:
+        """After the optimizer step: the update norms, the one transfer, then scalars, alerts and
+        histograms."""
+        parts = [part for m in pending for part in stats.device_parts(m)]
+        # Lightning clips after the measuring hook; the gradients hold the clipped values until
+        # the next zero_grad, so the clipped total is measured from them.
+        grads = [g for m in pending for g in m.grads]
+        clipped = bool(trainer.gradient_clip_val) and bool(grads)
+        if clipped:
+            parts.append(stats.total_norm(grads))
+        if loss is not None:
+            parts.append(loss.detach().reshape(1))
+        first_bad = self._first_bad_step
+        if first_bad is not None:
+            parts.append(first_bad.reshape(1).to(stats.exact_dtype(first_bad.device)))
+            self._first_bad_step = None
+        jobs_tensors: list[Tensor] = []
+        if self._write_hist and self._tb is not None:
+            for m in pending:
+                jobs_tensors += (m.grad_copies or []) + (m.before or [])
+            parts += histograms.device_stats(jobs_tensors)
+
+        host = stats.to_host(parts)  # the one transfer of the step
+        measured = [(m.optimizer_index, stats.read(m, host)) for m in pending]
+        scale = next((v.scale for _, v in measured if v.scale != 1.0), 1.0)
+        clipped_total = next(host)[0] / scale if clipped else None
+        loss_value = next(host)[0] if loss is not None else None
+        bad_step = next(host)[0] if first_bad is not None else -1.0
+        every_stepped = len(trainer.optimizers) <= 1 or len({i for i, _ in measured}) == len(
+            trainer.optimizers
+        )
+        scalars = step_scalars(
+            measured,
+            self._tags,
+            self.norm_types,
+            every_stepped,
+            clipped_total,
+            weight_norms=self.log_weight_norms,
+            update_ratios=self.log_update_ratio,
+        )
+        if self._write_scalars:
+            alerts = self.health.observe(
+                Observation(
+                    step=self._step,
+                    layer_norms=scalars.layer_norms,
+                    totals=scalars.totals,
+                    nonfinite=scalars.nonfinite,
+                    update_ratios=scalars.update_ratios,
+                    loss=loss_value,
+                    first_bad_step=int(bad_step) if bad_step >= 0 else None,
+                    overflow_expected=getattr(trainer.precision_plugin, "scaler", None) is not None,
+                )
+            )
+            if self.on_nonfinite == "stop" and self.health.nonfinite_now():
+                trainer.should_stop = True
+        else:
+            alerts = []
+        if not trainer.is_global_zero:
+            # Other ranks hold the same all-reduced gradients: they keep the same alert state (so
+            # `should_stop` agrees on every rank without a collective) but write nothing.
+            return
+        for alert in alerts:
+            rank_zero_warn(f"GradientMonitor: {alert.message}", category=GradientAlert)
+            if self._tb is not None:
+                writers.write_alert(self._tb, alert)
+        if self._write_scalars:
+            writers.write_scalars(trainer.loggers, scalars.metrics, self._step)
+        if jobs_tensors and self._tb is not None:
+            jobs = self._histogram_jobs(pending, measured)
+            hists = histograms.histograms(jobs, host, self.bins)
+            writers.write_histograms(self._tb, hists, self._step)
+
+    def _histogram_jobs(
+        self, pending: list[Measurement], measured: list[tuple[int, stats.HostValues]]
+    ) -> list[histograms.Job]:
+        """The step's gradient and weight copies to bin, in ``device_stats``'s order."""
+        jobs = []
+        for m, (_, values) in zip(pending, measured, strict=True):
+            scale = values.scale
+            for name, copy in zip(m.grad_names, m.grad_copies or [], strict=True):
+                # The norm of the copy as it is (still scaled where the values are).
+                norm = values.grad_norms[2.0][name] * scale
+                jobs.append(
+                    histograms.Job(f"grad_hist/{self._tags.param(name)}", copy, norm, scale)
+                )
+            for name, copy in zip(m.weight_names, m.before or [], strict=True):
+                norm = values.weight_norms[name]
+                jobs.append(histograms.Job(f"weight_hist/{self._tags.param(name)}", copy, norm))
+        return jobs
+
+    def _track_nonfinite(self, params: list[Tensor], step: int) -> None:
+        grads = [stored_values(p.grad) for p in params if p.grad is not None]
+        if not grads:
+            return
+        bad = stats.any_nonfinite(grads)
+        device = bad.device
+        if self._first_bad_step is None or self._first_bad_step.device != device:
+            self._first_bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        first = self._first_bad_step
+        self._first_bad_step = torch.where(bad & (first < 0), step, first)
+
+    def _warn_if_stepped_outside_lightning(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule"
+    ) -> None:
+        """Manual optimization with raw optimizers (``self.optimizers(use_pl_optimizer=False)``)
+        steps without Lightning's ``on_before_optimizer_step``: say so once, and how to fix it."""
+        if not self._enabled or pl_module.automatic_optimization:
+            return
+        if not any(p.grad is not None for p in pl_module.parameters()):
+            return
+        self._warned_unmeasured = True
+        rank_zero_warn(
+            "GradientMonitor: the module's optimizers step outside Lightning (manual optimization"
+            " with `self.optimizers(use_pl_optimizer=False)` or optimizers of its own), so"
+            " `on_before_optimizer_step` never runs and no gradient is logged. Step the"
+            " optimizers that `self.optimizers()` returns (`opt.step()`).",
+            category=GradientAlert,
+        )
+
+
+def _index_of(optimizer: Optimizer, optimizers: list[Optimizer]) -> int:
+    return next((i for i, o in enumerate(optimizers) if o is optimizer), 0)
+
+
+def _check_int(
+    name: str, value: Any, minimum: int, allow_none: bool = False, maximum: int | None = None
+) -> None:
+    if value is None and allow_none:
+        return
+    too_big = maximum is not None and isinstance(value, int) and value > maximum
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or too_big:
+        allowed = f"an int >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+        allowed += " or None" if allow_none else ""
+        raise ValueError(f"GradientMonitor: {name} must be {allowed}, got {value!r}")
+
+
+def _check_number(name: str, value: Any, allowed: str, ok: Any) -> None:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"GradientMonitor: {name} must be {allowed}, got {value!r}")
+
+
+def _parse_norm_type(value: Any) -> float:
+    if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "infinity"):
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(
+            f"GradientMonitor: norm_types must hold numbers > 0 or 'inf', got {value!r}"
+        )
+    return float(value)

@@ -1,0 +1,224 @@
+"""Gradient and weight statistics on the gradients' device, and the one transfer that brings them
+to the host.
+
+A logging step measures each optimizer's parameters in ``on_before_optimizer_step`` (after
+accumulation, all-reduce and AMP unscaling, before clipping and the step): :func:`measure` leaves
+every value on the device. After the step, :func:`update_norms` adds the norms of the weights'
+change, and :func:`to_host` moves everything in one ``.tolist()``. Norms of tensors of one device
+and dtype are one foreach kernel; sparse gradients are measured by their stored values.
+"""
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gradwatch.monitor.names import stored_values
+
+
+@dataclass
+class Measurement:
+    """One optimizer's parameters at a logging step, measured before its step; tensors on device.
+
+    Parameters without a gradient are in ``weight_names`` but not in ``grad_names``: no gradient
+    is not a small gradient, and nothing is logged for it.
+    """
+
+    optimizer_index: int
+    grad_names: list[str]
+    grads: list[Tensor]  # the gradients (of a sparse one, its stored values)
+    norms: dict[float, Tensor]  # per norm type, one norm per gradient
+    nonfinite: Tensor | None  # NaN/Inf counts per gradient, taken before clipping can change them
+    weight_names: list[str]
+    weights: list[Tensor]  # the parameters themselves, detached
+    weight_norms: Tensor | None
+    before: list[Tensor] | None  # copies of the weights before the step
+    grad_copies: list[Tensor] | None  # copies of the gradients as measured, for histograms
+    scale: Tensor | None  # the GradScaler's scale, where the gradients are still scaled
+
+
+@dataclass
+class HostValues:
+    """A measurement's values on the host, by parameter name (norms divided by the AMP scale)."""
+
+    grad_norms: dict[float, dict[str, float]]
+    nonfinite: dict[str, float]
+    weight_norms: dict[str, float]
+    update_norms: dict[str, float]
+    scale: float = 1.0  # the AMP scale the gradient norms were divided by
+
+
+def measure(
+    optimizer_index: int,
+    params: list[Tensor],
+    names: list[str],
+    norm_types: list[float],
+    count_nonfinite_now: bool,
+    weight_norms: bool,
+    snapshot: bool,
+    copy_grads: bool,
+    scale: Tensor | None,
+) -> Measurement:
+    """Takes the statistics of ``params`` that must be taken before clipping and the step.
+
+    Args:
+        count_nonfinite_now: count NaN/Inf values on the device now (clipping follows and would
+            rescale them in place); otherwise they are counted later, only where a norm is not
+            finite.
+        weight_norms: measure the weights' norms.
+        snapshot: keep a copy of the weights (update ratios, weight histograms).
+        copy_grads: keep a copy of the gradients (histograms).
+        scale: the GradScaler's scale when the gradients are still scaled (fused optimizers);
+            copied, since ``scaler.update()`` changes it in place before the transfer.
+    """
+    with_grad = [(n, p.grad) for n, p in zip(names, params, strict=True) if p.grad is not None]
+    grad_names, grads = _grouped(
+        [n for n, _ in with_grad], [stored_values(g) for _, g in with_grad]
+    )
+    weight_names, weights = _grouped(names, [p.detach() for p in params])
+    norm_of = {ord_: _concat(_foreach_norms(grads, ord_)) for ord_ in norm_types} if grads else {}
+    nonfinite = None
+    if count_nonfinite_now and grads:
+        nonfinite = torch.stack([count_nonfinite(g).to(norm_of[2.0].device) for g in grads])
+    return Measurement(
+        optimizer_index=optimizer_index,
+        grad_names=grad_names,
+        grads=grads,
+        norms=norm_of,
+        nonfinite=nonfinite,
+        weight_names=weight_names,
+        weights=weights,
+        weight_norms=_concat(_foreach_norms(weights, 2.0)) if weight_norms and weights else None,
+        before=_copy(weights) if snapshot else None,
+        grad_copies=_copy(grads) if copy_grads else None,
+        scale=None if scale is None else scale.detach().clone().reshape(1),
+    )
+
+
+def device_parts(m: Measurement) -> list[Tensor]:
+    """The measurement's tensors for the transfer, after the step: norms, counts, weight norms,
+    and the norms of the weights' change. :func:`read` takes them back in this order."""
+    parts = [m.norms[ord_] for ord_ in m.norms]
+    if m.nonfinite is not None:
+        parts.append(m.nonfinite)
+    if m.weight_norms is not None:
+        parts.append(m.weight_norms)
+    if m.before is not None and m.weight_norms is not None:
+        parts.append(_concat(_foreach_norms(torch._foreach_sub(m.weights, m.before), 2.0)))
+    if m.scale is not None:
+        parts.append(m.scale)
+    return parts
+
+
+def read(m: Measurement, host: Iterator[list[float]]) -> HostValues:
+    """The measurement's values from :func:`to_host`'s lists, in :func:`device_parts`'s order."""
+    norms = {ord_: next(host) for ord_ in m.norms}
+    nonfinite = next(host) if m.nonfinite is not None else None
+    weight_norms = next(host) if m.weight_norms is not None else []
+    updates = next(host) if m.before is not None and m.weight_norms is not None else []
+    scale = next(host)[0] if m.scale is not None else 1.0
+    if nonfinite is None:
+        # Counted only where the norm says there is something to count (a transfer more, on
+        # such steps only); every other gradient has none.
+        nonfinite = [
+            float(count_nonfinite(g).item()) if not math.isfinite(n) else 0.0
+            for g, n in zip(m.grads, norms.get(2.0, []), strict=True)
+        ]
+    return HostValues(
+        grad_norms={
+            ord_: {n: v / scale for n, v in zip(m.grad_names, values, strict=True)}
+            for ord_, values in norms.items()
+        },
+        nonfinite=dict(zip(m.grad_names, nonfinite, strict=True)),
+        weight_norms=dict(zip(m.weight_names, weight_norms, strict=False)),
+        update_norms=dict(zip(m.weight_names, updates, strict=False)),
+        scale=scale,
+    )
+
+
+def total_norm(grads: list[Tensor]) -> Tensor:
+    """The L2 norm of every gradient together, as one 1-element tensor (no transfer)."""
+    return torch.linalg.vector_norm(_concat(_foreach_norms(grads, 2.0))).reshape(1)
+
+
+def to_host(parts: list[Tensor]) -> Iterator[list[float]]:
+    """The one device-to-host transfer of a logging step: every part (1-D) as a list of floats,
+    in order. float32 norms join float64 counts as float64: a float32's value is exact either way.
+    """
+    if not parts:
+        return iter([])
+    device = parts[0].device
+    flat = torch.cat([p.to(device) for p in parts]).tolist()  # the transfer (a host sync)
+    out, start = [], 0
+    for p in parts:
+        out.append(flat[start : start + p.numel()])
+        start += p.numel()
+    return iter(out)
+
+
+def combine(norms: list[float], ord_: float) -> float:
+    """The p-norm of a concatenation from the p-norms of its parts (for L2: the norm of norms)."""
+    if not norms:
+        return 0.0
+    if math.isinf(ord_):
+        return max(norms)
+    if any(math.isnan(v) for v in norms):
+        return math.nan
+    return math.fsum(v**ord_ for v in norms) ** (1.0 / ord_)
+
+
+def count_nonfinite(tensor: Tensor) -> Tensor:
+    return tensor.isfinite().logical_not().sum().to(exact_dtype(tensor.device))
+
+
+def exact_dtype(device: torch.device) -> torch.dtype:
+    """Counts travel as floats: float64 holds them exactly (MPS has no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def any_nonfinite(grads: list[Tensor]) -> Tensor:
+    """Whether any gradient holds NaN or Inf, as a tensor on the gradients' device (no sync)."""
+    return _concat(_foreach_norms(grads, 2.0)).isfinite().logical_not().any()
+
+
+def _grouped(names: list[str], tensors: list[Tensor]) -> tuple[list[str], list[Tensor]]:
+    """Names and tensors reordered so that tensors of one device and dtype are together: each
+    group is one foreach kernel."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    order = [i for members in groups.values() for i in members]
+    return [names[i] for i in order], [tensors[i] for i in order]
+
+
+def _foreach_norms(tensors: list[Tensor], ord_: float) -> list[Tensor]:
+    """One norm per tensor, one foreach kernel per run of the same device and dtype; half
+    precision sums in fp32 (a sum of squares overflows fp16 at 256)."""
+    out: list[Tensor] = []
+    start = 0
+    while start < len(tensors):
+        first = tensors[start]
+        end = start + 1
+        while end < len(tensors) and (tensors[end].device, tensors[end].dtype) == (
+            first.device,
+            first.dtype,
+        ):
+            end += 1
+        low = first.dtype in (torch.float16, torch.bfloat16)
+        dtype = torch.float32 if low else None
+        out += torch._foreach_norm(tensors[start:end], ord_, dtype=dtype)
+        start = end
+    return out
+
+
+def _concat(scalars: list[Tensor]) -> Tensor:
+    """0-d tensors as one 1-D tensor on the first one's device."""
+    device = scalars[0].device
+    return torch.stack([s.to(device) for s in scalars])
+
+
+def _copy(tensors: list[Tensor]) -> list[Tensor]:
+    # One foreach op per device and dtype; the copies are the caller's to overwrite.
+    return list(torch._foreach_mul(tensors, 1)) if tensors else []
