@@ -11,7 +11,7 @@ import argparse
 import statistics
 
 import torch
-from bench import run_gradwatch, run_lightning_xor
+from bench_parts.contender.xor import run_gradwatch, run_lightning_xor
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 import bench
 import pytest
+from bench_parts.contender.clocks import Interleaver
 
 
 def spec(block, name, baseline):
@@ -79,7 +80,7 @@ def test_in_run_ab_takes_the_typical_pair_and_weighs_the_histogram_pairs():
     histogram step (step 499, block 9: the one of blocks 9 and 19 that has the monitor). A
     burst makes one block without the monitor take 3 s. Per block the monitor costs 0.02 s plus
     a tenth of a histogram's 0.5 s: 7%."""
-    inter = bench.Interleaver(block=50, hist_every=500)
+    inter = Interleaver(block=50, hist_every=500)
     inter.on = [inter.monitor_in(i) for i in range(20)]
     assert [i for i in range(20) if inter.on[i]][:6] == [1, 2, 5, 6, 9, 10]
     times = [1.02 if on else 1.0 for on in inter.on]
@@ -93,7 +94,7 @@ def test_in_run_ab_leaves_out_pairs_where_an_epoch_starts():
     """Epochs of 469 steps start at steps 469 and 938: their set-up (a 140 ms shuffle) lands in
     the blocks of steps 468 and 937 (blocks 9 and 18, both with the monitor). Counted, their
     pairs would make the estimate 22%."""
-    inter = bench.Interleaver(block=50, hist_every=500, epoch_steps=469)
+    inter = Interleaver(block=50, hist_every=500, epoch_steps=469)
     inter.on = [inter.monitor_in(i) for i in range(20)]
     times = [1.03 if on else 1.0 for on in inter.on]
     times[9] += 0.5
@@ -103,14 +104,14 @@ def test_in_run_ab_leaves_out_pairs_where_an_epoch_starts():
     assert [w for w, _, _ in inter.pairs()] == [1, 2, 5, 6, 10, 13, 14, 17]
     assert inter.overhead_pct(end=sum(times)) == pytest.approx(3.0)
     # Tutorial-like one-step epochs are shorter than a block: nothing is left out.
-    assert bench.Interleaver(block=50, hist_every=0, epoch_steps=1).epoch_steps == 0
+    assert Interleaver(block=50, hist_every=0, epoch_steps=1).epoch_steps == 0
 
 
 def test_in_run_ab_leaves_out_checkpoint_pairs_and_keeps_histogram_pairs():
     """gradwatch's defaults: histograms every 500 steps, last.ckpt every 1000. The saves after
     steps 999 and 1999 (blocks 19 and 39) leave their pairs out; the histogram steps 499 and 1499
     (blocks 9 and 29) have the monitor, in pairs that are kept."""
-    inter = bench.Interleaver(block=50, hist_every=500, checkpoint_every=1000)
+    inter = Interleaver(block=50, hist_every=500, checkpoint_every=1000)
     inter.on = [inter.monitor_in(i) for i in range(40)]
     pairs = inter.pairs()
     assert len(pairs) == 18

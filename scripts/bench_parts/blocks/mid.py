@@ -1,0 +1,88 @@
+"""The mid block: an MLP of 784-128-128-10 on 60,000 rows (MNIST's size, synthetic), with no
+monitor, GradientMonitor at its defaults and at heavier settings, Lightning's grad_norm recipe,
+wandb.watch where it is installed, and the monitor's overhead side by side inside one run (see
+`Interleaver`). The gpu block is the same on CUDA."""
+
+from typing import Any
+
+from bench_parts.blocks import Specs
+
+
+def params(quick: bool, device: str) -> dict[str, Any]:
+    """What every contender of the block shares: the model, the data, the epochs, the device."""
+    mid: dict[str, Any] = {
+        "sizes": [784, 128, 128, 10],
+        "samples": 60_000,
+        "epochs": 1 if quick else 2,
+    }
+    mid["device"] = device
+    return mid
+
+
+def contenders(quick: bool, notes: list[str], block: str = "mid", device: str = "cpu") -> Specs:
+    mid = params(quick, device)
+    specs = Specs(block)
+    specs.add("none", "no monitor", "monitored", {**mid, "kind": "none"}, "none")
+    specs.add(
+        "monitor", "GradientMonitor defaults", "monitored", {**mid, "kind": "monitor"}, "none"
+    )
+    specs.add(
+        "norms_every_step",
+        "GradientMonitor, norms every step",
+        "monitored",
+        {
+            **mid,
+            "kind": "monitor",
+            "monitor": {"log_every_n_steps": 1, "histogram_every_n_steps": 0},
+        },
+        "none",
+    )
+    specs.add(
+        "hist_50",
+        "GradientMonitor, all histograms every 50 steps",
+        "monitored",
+        {**mid, "kind": "monitor", "monitor": {"histogram_every_n_steps": 50}},
+        "none",
+    )
+    specs.add(
+        "recipe", "Lightning grad_norm recipe", "monitored", {**mid, "kind": "recipe"}, "none"
+    )
+    # The monitor's overhead side by side inside one run (see Interleaver): twice the steps,
+    # for twice the pairs of blocks.
+    ab = {**mid, "epochs": 2 * mid["epochs"], "kind": "monitor"}
+    epoch_steps = -(-mid["samples"] // 128)
+    specs.add(
+        "monitor_ab",
+        "GradientMonitor defaults, in and out by turns of 50 steps",
+        "monitored",
+        {**ab, "interleave": {"block": 50, "hist_every": 500, "epoch_steps": epoch_steps}},
+        "none",
+    )
+    specs.add(
+        "hist_50_ab",
+        "histograms every 50 steps, in and out by turns",
+        "monitored",
+        {
+            **ab,
+            "monitor": {"histogram_every_n_steps": 50},
+            "interleave": {"block": 50, "hist_every": 50, "epoch_steps": epoch_steps},
+        },
+        "none",
+    )
+    try:
+        import importlib.util
+
+        has_wandb = importlib.util.find_spec("wandb") is not None
+    except ValueError:
+        has_wandb = False
+    if has_wandb:
+        specs.add(
+            "wandb",
+            "wandb.watch offline (all, every 50)",
+            "monitored",
+            {**mid, "kind": "wandb"},
+            "none",
+        )
+    else:
+        notes.append(f"{block}: wandb is not installed; the wandb.watch contender is skipped.")
+    return specs

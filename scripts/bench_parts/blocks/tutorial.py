@@ -1,0 +1,71 @@
+"""The tutorial block: the tutorial's XOR run (DESIGN.md) as a plain loop, in Lightning (bare,
+default, with the grad_norm recipe) and in gradwatch, with and without its monitor, and the
+monitor's overhead side by side inside one run (see `Interleaver`)."""
+
+from bench_parts.blocks import Specs
+
+
+def contenders(quick: bool, notes: list[str]) -> Specs:
+    epochs = 1000 if quick else 5000
+    base = "plain"
+    specs = Specs("tutorial")
+    specs.add("plain", "plain PyTorch loop", "plain", {"epochs": epochs}, base)
+    specs.add(
+        "bare", "Lightning, bare Trainer", "lightning", {"epochs": epochs, "kind": "bare"}, base
+    )
+    specs.add(
+        "default",
+        "Lightning, default setup",
+        "lightning",
+        {"epochs": epochs, "kind": "default"},
+        base,
+    )
+    specs.add(
+        "recipe",
+        "Lightning default + grad_norm recipe",
+        "lightning",
+        {"epochs": epochs, "kind": "recipe"},
+        base,
+    )
+    ep = [f"trainer.max_epochs={epochs}"]
+    specs.add("gradwatch", "gradwatch defaults", "gradwatch", {"overrides": ep}, base)
+    specs.add(
+        "gradwatch_nomon",
+        "gradwatch, callbacks.gradient_monitor=null",
+        "gradwatch",
+        {"overrides": ep + ["callbacks.gradient_monitor=null"]},
+        base,
+    )
+    specs.add(
+        "gradwatch_hist50",
+        "gradwatch, every histogram every 50 steps",
+        "gradwatch",
+        {"overrides": ep + ["callbacks.gradient_monitor.histogram_every_n_steps=50"]},
+        base,
+    )
+    # The monitor's overhead side by side inside one run (see Interleaver).
+    specs.add(
+        "gradwatch_ab",
+        "gradwatch defaults, monitor in and out by turns of 50 steps",
+        "gradwatch",
+        {"overrides": ep, "interleave": {"block": 50, "hist_every": 500}},
+        base,
+    )
+    specs.add(
+        "gradwatch_hist50_ab",
+        "gradwatch, histograms every 50 steps, monitor in and out by turns",
+        "gradwatch",
+        {
+            "overrides": ep + ["callbacks.gradient_monitor.histogram_every_n_steps=50"],
+            "interleave": {"block": 50, "hist_every": 50},
+        },
+        base,
+    )
+    specs.add(
+        "noop_callback_ab",
+        "gradwatch defaults + a Callback that does nothing, in and out by turns",
+        "gradwatch",
+        {"overrides": ep, "interleave": {"block": 50, "hist_every": 0, "noop": True}},
+        base,
+    )
+    return specs

@@ -1,0 +1,205 @@
+"""The targets of the issue, checked on the summarised rows, and the Markdown table of a run.
+
+A target compares two contenders of a block by the median of their per-round ratios: a round's
+runs are seconds apart, so a slow minute on a shared machine cancels out of the ratio instead of
+landing on one side of it.
+"""
+
+import statistics
+from typing import Any
+
+from bench_parts import METRICS
+from bench_parts.blocks.depth import DEPTHS
+
+
+def pct(ratio: float | None) -> float | None:
+    return None if ratio is None else 100 * (ratio - 1)
+
+
+def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, bool | None, str]]:
+    """(target, passed or None when not measurable, the numbers) for every target of the issue.
+
+    clock "wall": the tutorial's fit and the other blocks' loop, in wall time (the issue's
+    measure); "cpu": the loop's CPU time instead, for a machine shared with other work."""
+    fit_m = "fit_s" if clock == "wall" else "loop_cpu_s"
+    loop_m = "loop_s" if clock == "wall" else "loop_cpu_s"
+    by = {(r["block"], r["name"]): r for r in rows}
+    out: list[tuple[str, bool | None, str]] = []
+
+    def check(name: str, value: float | None, limit: float, op: str, unit: str = "x") -> None:
+        if value is None or value != value:
+            out.append((name, None, "not measured"))
+            return
+        ok = value <= limit if op == "<=" else value < limit if op == "<" else value >= limit
+        out.append((name, ok, f"{value:.3g}{unit} (target {op} {limit:g}{unit})"))
+
+    def monitor_check(name: str, block: str, runs: tuple[str, str], ab: str, limit: float) -> None:
+        """The monitor's overhead in %: from the in-run A/B (`ab`, see Interleaver) when it was
+        measured, run against run (`runs`: with, without) otherwise; the other figures follow."""
+        with_, without = runs
+        by_runs = pct(ratio(block, with_, without, loop_m if block != "tutorial" else fit_m))
+        in_run = by.get((block, ab), {}).get("interleaved_pct")
+        check(
+            f"{name} ({'in-run A/B' if in_run is not None else 'run against run'})",
+            by_runs if in_run is None else in_run,
+            limit,
+            "<",
+            "%",
+        )
+        notes = []
+        if in_run is not None and by_runs is not None:
+            notes.append(f"run against run {by_runs:+.1f}%")
+        hooks = by.get((block, with_), {}).get("monitor_hooks_pct")
+        if hooks is not None:
+            notes.append(f"the monitor's own hooks {hooks:.2f}% of the loop")
+        if notes:
+            label, ok, detail = out[-1]
+            out[-1] = (label, ok, f"{detail}; {'; '.join(notes)}")
+
+    def ratio(block: str, a: str, b: str, metric: str) -> float | None:
+        """The median over rounds of a's time over b's in the same round."""
+        ra, rb = by.get((block, a)), by.get((block, b))
+        if ra is None or rb is None:
+            return None
+        m = metric.removesuffix("_s")
+        pairs = [x / y for x, y in zip(ra["rounds"][m], rb["rounds"][m], strict=True) if x and y]
+        return statistics.median(pairs) if pairs else None
+
+    if any(r["block"] == "tutorial" for r in rows):
+        check(
+            "tutorial: gradwatch fit / bare Trainer fit",
+            ratio("tutorial", "gradwatch", "bare", fit_m),
+            1.25,
+            "<=",
+        )
+        check(
+            "tutorial: gradwatch fit / plain loop",
+            ratio("tutorial", "gradwatch", "plain", fit_m),
+            4.5,
+            "<=",
+        )
+        # The monitor's own cost on the tutorial's run (issue 3): gradwatch with and without it.
+        monitor_check(
+            "tutorial: the monitor at defaults",
+            "tutorial",
+            ("gradwatch", "gradwatch_nomon"),
+            "gradwatch_ab",
+            3,
+        )
+        monitor_check(
+            "tutorial: the monitor with every histogram every 50 steps",
+            "tutorial",
+            ("gradwatch_hist50", "gradwatch_nomon"),
+            "gradwatch_hist50_ab",
+            15,
+        )
+        noop = by.get(("tutorial", "noop_callback_ab"), {}).get("interleaved_pct")
+        if noop is not None:
+            out.append(
+                (
+                    "tutorial, for scale: Lightning's dispatch of one Callback that does nothing"
+                    " (in-run A/B)",
+                    None,
+                    f"{noop:.3g}%: what a Callback costs on one-step epochs when Lightning"
+                    " dispatches every hook (gradwatch's skip the step hooks they do not use)",
+                )
+            )
+        check(
+            "tutorial: gradwatch process / plain script",
+            ratio("tutorial", "gradwatch", "plain", "process_s"),
+            4.0,
+            "<=",
+        )
+    for block in ("mid", "gpu"):
+        if not any(r["block"] == block for r in rows):
+            continue
+        # The monitor's per-step cost: the training steps alone (loop), not the one-off
+        # end-of-training summary, which the fit column shows.
+        monitor_check(
+            f"{block}: the monitor at defaults", block, ("monitor", "none"), "monitor_ab", 3
+        )
+        monitor_check(
+            f"{block}: the monitor with every histogram every 50 steps",
+            block,
+            ("hist_50", "none"),
+            "hist_50_ab",
+            15,
+        )
+        check(
+            f"{block}: recipe / monitor defaults (loop)",
+            ratio(block, "recipe", "monitor", loop_m),
+            2,
+            ">=",
+        )
+        check(
+            f"{block}: recipe / histograms every 50 (loop)",
+            ratio(block, "recipe", "hist_50", loop_m),
+            2,
+            ">=",
+        )
+        if block == "gpu":
+            row = by.get(("gpu", "sync_check"))
+            if row is not None:
+                ok = row.get("n", 0) > 0 and "error" not in row
+                detail = (
+                    f"{row.get('sync_checked_steps', 0)} steps checked"
+                    if ok
+                    else row.get("error", "")
+                )
+                out.append(("gpu: no host sync on steps that write nothing", ok, detail))
+    if any(r["block"] == "depth" for r in rows):
+
+        def over(d: int) -> float | None:
+            r = ratio("depth", f"monitor_{d}", f"none_{d}", loop_m)
+            return None if r is None else r - 1
+
+        lo, hi = over(DEPTHS[0]), over(DEPTHS[-1])
+        detail = (
+            None
+            if lo is None or hi is None
+            else (hi / lo if lo > 0 else (0.0 if hi <= 0 else float("inf")))
+        )
+        # A negative or zero overhead at 3 layers (noise) makes the ratio meaningless: show both.
+        check(f"depth: overhead at {DEPTHS[-1]} layers / at {DEPTHS[0]} layers", detail, 1.5, "<=")
+        if lo is not None and hi is not None:
+            out[-1] = (
+                out[-1][0],
+                out[-1][1],
+                out[-1][2] + f"; overheads {100 * lo:+.1f}% and {100 * hi:+.1f}%",
+            )
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], checks: list, meta: dict[str, Any]) -> str:
+    lines = [
+        f"Machine: {meta['machine']}",
+        f"Command: `{meta['command']}`",
+        f"Repeats: {meta['repeats']} (medians; targets: medians of per-round ratios),"
+        f" torch threads: {meta['threads']},"
+        f" targets on {meta['clock']} time, {meta['date']}",
+        "",
+    ]
+    for block in dict.fromkeys(r["block"] for r in rows):
+        lines += [
+            f"### {block}",
+            "",
+            "| contender | fit s | x | loop s | x | loop CPU s | x | process s | x"
+            " | monitor hooks, % of loop |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in (r for r in rows if r["block"] == block):
+            cells = [f"{r[f'{m}_s']:.3f} | {r[f'{m}_x']:.2f}" for m in METRICS]
+            hooks = r.get("monitor_hooks_pct")
+            cells.append("-" if hooks is None else f"{hooks:.2f}")
+            note = " (failed)" if r["n"] == 0 else ""
+            lines.append(f"| {r['label']}{note} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["### targets", ""]
+    for name, ok, detail in checks:
+        verdict = "PASS" if ok else "FAIL" if ok is False else "N/A"
+        if ok is None and detail != "not measured":
+            verdict = "info"  # a figure for scale, not a target
+        lines.append(f"- {verdict}: {name}: {detail}")
+    for note in meta["notes"]:
+        lines.append(f"- note: {note}")
+    return "\n".join(lines) + "\n"
