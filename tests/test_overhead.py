@@ -16,6 +16,7 @@ from gradwatch.monitor import GradientMonitor
 from gradwatch.overhead import (
     STEP_HOOKS,
     NoProfiler,
+    SkipUnusedBatchHooks,
     masked_crc32c,
     skip_unused_step_hooks,
     use_fast_crc32c,
@@ -91,7 +92,7 @@ class CountingDataModule(InMemoryDataModule):
 @pytest.mark.parametrize("datamodule_class", [InMemoryDataModule, CountingDataModule])
 def test_batch_hooks_are_skipped_only_where_the_datamodule_has_none(tmp_path, datamodule_class):
     datamodule = datamodule_class()
-    trainer = fit_bare(tmp_path, datamodule, epochs=3)
+    trainer = fit_bare(tmp_path, datamodule, epochs=3, callbacks=[SkipUnusedBatchHooks()])
     selector = trainer._data_connector._datahook_selector
     if datamodule_class is CountingDataModule:
         assert selector.datamodule is datamodule and CountingDataModule.calls == 3
@@ -118,12 +119,8 @@ def test_unused_step_hooks_are_skipped_and_used_ones_still_run(tmp_path):
 def test_gradwatch_callbacks_skip_the_step_hooks_they_do_not_use(make_cfg, tmp_path):
     trainer = build_trainer(make_cfg(), tmp_path)
     monitor = next(c for c in trainer.callbacks if isinstance(c, GradientMonitor))
-    assert callable(monitor.on_before_optimizer_step)
-    # Shown on the steps that collect only (GradientMonitor.__init__; tested in test_monitor).
-    assert monitor.on_train_batch_end is None
+    assert callable(monitor.on_before_optimizer_step) and callable(monitor.on_train_batch_end)
     for callback in trainer.callbacks:
         for name in STEP_HOOKS:
-            if callback is monitor and name == "on_train_batch_end":
-                continue
             overridden = getattr(type(callback), name) is not getattr(pl.Callback, name)
             assert callable(getattr(callback, name)) == overridden, (callback, name)
