@@ -109,8 +109,8 @@ class Health:
         found.append(self._stall(obs))
         alerts = [a for a in found if a is not None]
         for alert in alerts:
-            for layer in alert.layers or ["total"]:
-                counts = self.alert_counts.setdefault(layer, {})
+            for key in [self._layer_key(lay) for lay in alert.layers] or ["total"]:
+                counts = self.alert_counts.setdefault(key, {})
                 counts[alert.kind] = counts.get(alert.kind, 0) + 1
             self.alerts.append(asdict(alert))
         return alerts
@@ -256,17 +256,26 @@ class Health:
         the alert counts (``gradients.json``), with every alert."""
         history = self.history
         rows = {}
-        for lay, values in {**history["layers"], **history["totals"]}.items():
+        ratios, layers = history["update_ratio"], history["layers"].items()
+        series = [(self._layer_key(lay), ratios.get(lay), v) for lay, v in layers]
+        series += [(key, None, v) for key, v in history["totals"].items()]
+        for lay, ratio, values in series:
             finite = [v for v in values if math.isfinite(v)]
             rows[lay] = {
                 "first": _json_float(values[0]) if values else None,
                 "last": _json_float(values[-1]) if values else None,
                 "min": min(finite) if finite else None,
                 "max": max(finite) if finite else None,
-                "last_update_ratio": _json_float(history["update_ratio"].get(lay)),
+                "last_update_ratio": _json_float(ratio),
                 "alerts": dict(self.alert_counts.get(lay, {})),
             }
         return {"steps": list(history["step"]), "layers": rows, "alerts": list(self.alerts)}
+
+    def _layer_key(self, layer: str) -> str:
+        """A layer's key in the summary and the alert counts: a layer named like a total (a
+        module named ``total``) is ``<name>-layer``, as its tag is, so that neither hides the
+        other."""
+        return f"{layer}-layer" if layer == "total" or layer in self.history["totals"] else layer
 
     def state_dict(self) -> dict[str, Any]:
         return {
