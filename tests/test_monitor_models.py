@@ -658,20 +658,21 @@ def test_health_stall_fires_on_a_flat_loss_with_small_updates():
 
 
 def test_health_keeps_a_layer_named_total_apart_from_the_total():
-    """A layer named ``total`` (its tag is ``total-layer``) has its own row and alert counts in
-    the summary, apart from the whole model's total and its alerts."""
+    """A layer named ``total`` comes to the rules under its tag, ``total-layer`` (the monitor
+    names layers by tag), and keeps its own row and alert counts in the summary, apart from the
+    whole model's total and its alerts."""
     health = Health(Thresholds(vanishing_patience=2, exploding_window=10))
     totals = [1.0] * 6 + [50.0, 1.0]
     observations = [
         Observation(
             step=s,
-            layer_norms={"a": 1.0, "b": 1.0, "total": 1e-6 if s >= 3 else 1.0},
+            layer_norms={"a": 1.0, "b": 1.0, "total-layer": 1e-6 if s >= 3 else 1.0},
             totals={"total": v},
         )
         for s, v in enumerate(totals)
     ]
     fired = feed(health, observations)
-    assert fired == {4: [("vanishing", ["total"])], 6: [("exploding", [])]}
+    assert fired == {4: [("vanishing", ["total-layer"])], 6: [("exploding", [])]}
     rows = health.summary()["layers"]
     assert sorted(rows) == ["a", "b", "total", "total-layer"]
     assert rows["total-layer"]["last"] == 1e-6 and rows["total-layer"]["max"] == 1.0

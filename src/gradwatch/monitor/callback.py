@@ -3,7 +3,6 @@ delegated: statistics on the device (``stats``), histograms (``histograms``), ta
 (``names``, ``scalars``), alert rules (``health``) and writing (``writers``)."""
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -18,9 +17,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from gradwatch.monitor import histograms, stats, writers
+from gradwatch.monitor import arguments, histograms, stats, writers
+from gradwatch.monitor.arguments import check_bool, check_int
 from gradwatch.monitor.health import (
-    NONFINITE_POLICIES,
     GradientAlert,
     Health,
     Observation,
@@ -128,53 +127,28 @@ class GradientMonitor(Callback):
         stall_patience: int = 10,
         on_nonfinite: str = "warn",
     ) -> None:
-        _check_int("log_every_n_steps", log_every_n_steps, minimum=0, allow_none=True)
-        _check_int("histogram_every_n_steps", histogram_every_n_steps, minimum=0, allow_none=True)
-        _check_int("bins", bins, minimum=1, maximum=MAX_BINS)
-        _check_int("vanishing_patience", vanishing_patience, minimum=1)
-        _check_int("exploding_window", exploding_window, minimum=1)
-        _check_int("stall_patience", stall_patience, minimum=2)
-        for name, value in (
-            ("vanishing_threshold", vanishing_threshold),
-            ("vanishing_fraction", vanishing_fraction),
-            ("stall_update_ratio", stall_update_ratio),
-            ("stall_loss_tol", stall_loss_tol),
-        ):
-            _check_number(name, value, "a number >= 0", lambda v: v >= 0)
-        _check_number("exploding_factor", exploding_factor, "a number > 1", lambda v: v > 1)
-        for name, value in (
-            ("log_weight_norms", log_weight_norms),
-            ("log_update_ratio", log_update_ratio),
-        ):
-            if not isinstance(value, bool):
-                raise ValueError(f"GradientMonitor: {name} must be true or false, got {value!r}")
-        if on_nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(
-                f"GradientMonitor: on_nonfinite must be one of {list(NONFINITE_POLICIES)},"
-                f" got {on_nonfinite!r}"
-            )
-        if isinstance(norm_types, str | bytes) or not isinstance(norm_types, Sequence):
-            raise ValueError(
-                "GradientMonitor: norm_types must be a list of numbers > 0 or 'inf',"
-                f" got {norm_types!r}"
-            )
-        parsed = [_parse_norm_type(p) for p in norm_types]
-        self.norm_types = list(dict.fromkeys([2.0, *parsed]))
+        check_int("log_every_n_steps", log_every_n_steps, minimum=0, allow_none=True)
+        check_int("histogram_every_n_steps", histogram_every_n_steps, minimum=0, allow_none=True)
+        check_int("bins", bins, minimum=1, maximum=MAX_BINS)
+        check_bool("log_weight_norms", log_weight_norms)
+        check_bool("log_update_ratio", log_update_ratio)
+        self.norm_types = arguments.norm_types(norm_types)
         self.log_every_n_steps = log_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
         self.bins = bins
         self.log_weight_norms = log_weight_norms
         self.log_update_ratio = log_update_ratio
         self.on_nonfinite = on_nonfinite
+        # The alert rules check their own thresholds.
         self.health = Health(
             Thresholds(
-                vanishing_threshold=float(vanishing_threshold),
-                vanishing_fraction=float(vanishing_fraction),
+                vanishing_threshold=vanishing_threshold,
+                vanishing_fraction=vanishing_fraction,
                 vanishing_patience=vanishing_patience,
-                exploding_factor=float(exploding_factor),
+                exploding_factor=exploding_factor,
                 exploding_window=exploding_window,
-                stall_update_ratio=float(stall_update_ratio),
-                stall_loss_tol=float(stall_loss_tol),
+                stall_update_ratio=stall_update_ratio,
+                stall_loss_tol=stall_loss_tol,
                 stall_patience=stall_patience,
                 on_nonfinite=on_nonfinite,
             )
@@ -450,31 +424,3 @@ class GradientMonitor(Callback):
 
 def _index_of(optimizer: Optimizer, optimizers: list[Optimizer]) -> int:
     return next((i for i, o in enumerate(optimizers) if o is optimizer), 0)
-
-
-def _check_int(
-    name: str, value: Any, minimum: int, allow_none: bool = False, maximum: int | None = None
-) -> None:
-    if value is None and allow_none:
-        return
-    too_big = maximum is not None and isinstance(value, int) and value > maximum
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or too_big:
-        allowed = f"an int >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
-        allowed += " or None" if allow_none else ""
-        raise ValueError(f"GradientMonitor: {name} must be {allowed}, got {value!r}")
-
-
-def _check_number(name: str, value: Any, allowed: str, ok: Any) -> None:
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not number or not math.isfinite(value) or not ok(value):
-        raise ValueError(f"GradientMonitor: {name} must be {allowed}, got {value!r}")
-
-
-def _parse_norm_type(value: Any) -> float:
-    if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "infinity"):
-        return math.inf
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(
-            f"GradientMonitor: norm_types must hold numbers > 0 or 'inf', got {value!r}"
-        )
-    return float(value)

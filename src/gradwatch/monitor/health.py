@@ -13,6 +13,8 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from gradwatch.monitor.arguments import check_choice, check_int, check_number
+
 # A loss this fraction of its first logged value means training has converged: no vanishing alert.
 CONVERGED_LOSS_FRACTION = 1e-6
 NONFINITE_POLICIES = ("warn", "stop")
@@ -28,7 +30,8 @@ class Observation:
 
     Attributes:
         step: the step the values are written at.
-        layer_norms: each layer's L2 gradient norm (layers without a gradient are absent).
+        layer_norms: each layer's L2 gradient norm, by its tag (never the name of a total;
+            layers without a gradient are absent).
         totals: the whole model's L2 norm under ``"total"``; where several optimizers step on
             different steps, one per optimizer that stepped (``"total_optimizer1"``).
         nonfinite: per layer, how many gradient values are NaN or Inf.
@@ -72,6 +75,20 @@ class Thresholds:
     stall_patience: int = 10
     on_nonfinite: str = "warn"
 
+    def __post_init__(self) -> None:
+        check_int("vanishing_patience", self.vanishing_patience, minimum=1)
+        check_int("exploding_window", self.exploding_window, minimum=1)
+        check_int("stall_patience", self.stall_patience, minimum=2)
+        for name in (
+            "vanishing_threshold",
+            "vanishing_fraction",
+            "stall_update_ratio",
+            "stall_loss_tol",
+        ):
+            check_number(name, getattr(self, name), "a number >= 0", lambda v: v >= 0)
+        check_number("exploding_factor", self.exploding_factor, "a number > 1", lambda v: v > 1)
+        check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+
 
 class Health:
     """The alert rules and what they remember between logging steps.
@@ -109,8 +126,8 @@ class Health:
         found.append(self._stall(obs))
         alerts = [a for a in found if a is not None]
         for alert in alerts:
-            for key in [self._layer_key(lay) for lay in alert.layers] or ["total"]:
-                counts = self.alert_counts.setdefault(key, {})
+            for layer in alert.layers or ["total"]:
+                counts = self.alert_counts.setdefault(layer, {})
                 counts[alert.kind] = counts.get(alert.kind, 0) + 1
             self.alerts.append(asdict(alert))
         return alerts
@@ -256,8 +273,8 @@ class Health:
         the alert counts (``gradients.json``), with every alert."""
         history = self.history
         rows = {}
-        ratios, layers = history["update_ratio"], history["layers"].items()
-        series = [(self._layer_key(lay), ratios.get(lay), v) for lay, v in layers]
+        ratios = history["update_ratio"]
+        series = [(lay, ratios.get(lay), v) for lay, v in history["layers"].items()]
         series += [(key, None, v) for key, v in history["totals"].items()]
         for lay, ratio, values in series:
             finite = [v for v in values if math.isfinite(v)]
@@ -270,12 +287,6 @@ class Health:
                 "alerts": dict(self.alert_counts.get(lay, {})),
             }
         return {"steps": list(history["step"]), "layers": rows, "alerts": list(self.alerts)}
-
-    def _layer_key(self, layer: str) -> str:
-        """A layer's key in the summary and the alert counts: a layer named like a total (a
-        module named ``total``) is ``<name>-layer``, as its tag is, so that neither hides the
-        other."""
-        return f"{layer}-layer" if layer == "total" or layer in self.history["totals"] else layer
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -18,10 +18,12 @@ class StepScalars:
     """What the loggers get (``metrics``, tag -> value) and what the health rules read."""
 
     metrics: dict[str, float] = field(default_factory=dict)
-    layer_norms: dict[str, float] = field(default_factory=dict)  # L2, by layer name
+    # By layer tag (a layer's name unless it would collide: a module named `total`), so that the
+    # history, the summary and the alerts name each layer as TensorBoard does.
+    layer_norms: dict[str, float] = field(default_factory=dict)  # L2
     totals: dict[str, float] = field(default_factory=dict)  # L2, "total" or per optimizer
-    nonfinite: dict[str, float] = field(default_factory=dict)  # by layer name
-    update_ratios: dict[str, float] = field(default_factory=dict)  # by layer name
+    nonfinite: dict[str, float] = field(default_factory=dict)
+    update_ratios: dict[str, float] = field(default_factory=dict)
 
 
 def family(ord_: float) -> str:
@@ -52,12 +54,12 @@ def step_scalars(
             norms = values.grad_norms[ord_]
             for name, v in norms.items():
                 metrics[f"{fam}/{tags.param(name)}"] = v
-                per_layer.setdefault(layer_of(name), []).append(v)
+                per_layer.setdefault(tags.layer(layer_of(name)), []).append(v)
             if not every_optimizer_stepped and norms:
                 totals[optimizer_total(index)] = combine(list(norms.values()), ord_)
         layer_norms = {lay: combine(vs, ord_) for lay, vs in per_layer.items()}
-        for lay, v in layer_norms.items():
-            metrics[f"{fam}/{tags.layer(lay)}"] = v
+        for tag, v in layer_norms.items():
+            metrics[f"{fam}/{tag}"] = v
         if every_optimizer_stepped:
             totals[TOTAL] = combine(list(layer_norms.values()), ord_)
         for key, v in totals.items():
@@ -70,9 +72,10 @@ def step_scalars(
     nonfinite: dict[str, float] = {}
     for _, values in measured:
         for name, count in values.nonfinite.items():
-            nonfinite[layer_of(name)] = nonfinite.get(layer_of(name), 0.0) + count
-    for lay, count in nonfinite.items():
-        metrics[f"grad_nonfinite/{tags.layer(lay)}"] = count
+            tag = tags.layer(layer_of(name))
+            nonfinite[tag] = nonfinite.get(tag, 0.0) + count
+    for tag, count in nonfinite.items():
+        metrics[f"grad_nonfinite/{tag}"] = count
     if nonfinite:
         metrics[f"grad_nonfinite/{TOTAL}"] = sum(nonfinite.values())
     out.nonfinite = nonfinite
@@ -82,20 +85,21 @@ def step_scalars(
         for name, v in weights.items():
             metrics[f"weight_norm/{tags.param(name)}"] = v
     if update_ratios:
-        out.update_ratios = _update_ratios(measured, weights)
-        for lay, ratio in out.update_ratios.items():
-            metrics[f"update_ratio/{tags.layer(lay)}"] = ratio
+        out.update_ratios = _update_ratios(measured, weights, tags)
+        for tag, ratio in out.update_ratios.items():
+            metrics[f"update_ratio/{tag}"] = ratio
     return out
 
 
 def _update_ratios(
-    measured: list[tuple[int, HostValues]], weights: dict[str, float]
+    measured: list[tuple[int, HostValues]], weights: dict[str, float], tags: Tags
 ) -> dict[str, float]:
-    """Per layer: the norm of the step's change of its parameters over their norm before it."""
+    """Per layer tag: the norm of the step's change of the layer's parameters over their norm
+    before it."""
     updates = {n: v for _, values in measured for n, v in values.update_norms.items()}
     members: dict[str, list[str]] = {}
     for name in weights:
-        members.setdefault(layer_of(name), []).append(name)
+        members.setdefault(tags.layer(layer_of(name)), []).append(name)
     ratios = {}
     for lay, names in members.items():
         if not all(n in updates for n in names):
