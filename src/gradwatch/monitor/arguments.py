@@ -2,7 +2,7 @@
 as ValueError when the monitor is built (so a config is checked before training by building it)."""
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -36,7 +36,8 @@ def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 def norm_types(values: Any) -> list[float]:
     """The norm types to log: 2 first, always, then the others once each (``"inf"`` -> inf)."""
-    if isinstance(values, str | bytes) or not isinstance(values, list | tuple):
+    # A Sequence: lists, tuples and Hydra's ListConfig.
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence):
         raise ValueError(
             f"GradientMonitor: norm_types must be a list of numbers > 0 or 'inf', got {values!r}"
         )
