@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from gradwatch.train import build_trainer, train
+from gradwatch.validate import ConfigError
 
 
 def options(group: str) -> list[str]:
@@ -86,6 +87,61 @@ def test_callback_options_build_their_callbacks(make_cfg, tmp_path, name):
     for key, node in cfg.callbacks.items():
         if node:
             assert node._target_.rsplit(".", 1)[1] in built, key
+
+
+def test_callbacks_are_one_file_each_and_early_stopping_is_off_by_default(make_cfg):
+    assert options("callbacks") == [
+        "checkpoint",
+        "console",
+        "default",
+        "early_stopping",
+        "gradient_monitor",
+    ]
+    cfg = make_cfg()
+    assert list(cfg.callbacks) == ["gradient_monitor", "console", "checkpoint"]
+    assert cfg.callbacks.gradient_monitor.bins == 64
+    assert cfg.callbacks.checkpoint.every_n_train_steps == 1000
+
+
+def test_a_callback_is_dropped_with_null(make_cfg, tmp_path):
+    trainer = build_trainer(make_cfg("callbacks.gradient_monitor=null"), tmp_path)
+    built = {type(cb).__name__ for cb in trainer.callbacks}
+    assert "GradientMonitor" not in built and {"ConsoleProgress", "RunCheckpoint"} <= built
+
+
+def test_early_stopping_is_one_override(make_cfg, tmp_path):
+    cfg = make_cfg("callbacks=[default,early_stopping]")
+    assert list(cfg.callbacks) == ["gradient_monitor", "console", "checkpoint", "early_stopping"]
+    stopping = cfg.callbacks.early_stopping
+    assert (stopping.monitor, stopping.mode) == ("train/loss", "min")
+    built = {type(cb).__name__ for cb in build_trainer(cfg, tmp_path).callbacks}
+    assert {"GradientMonitor", "ConsoleProgress", "RunCheckpoint", "EarlyStopping"} <= built
+
+
+def test_a_bad_early_stopping_mode_is_refused_before_training(make_cfg, tmp_path):
+    cfg = make_cfg(
+        "callbacks=[default,early_stopping]",
+        "callbacks.early_stopping.mode=lowest",
+        f"paths.root={tmp_path / 'outputs'}",
+    )
+    with pytest.raises(ConfigError, match="^callbacks.early_stopping: `mode` can be min, max"):
+        train(cfg)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_early_stopping_ends_a_solved_run(make_cfg, tmp_path):
+    # Adam solves XOR within a few hundred epochs, then train/loss stops improving: `patience`
+    # (100) epochs later the run ends, long before its 2000 epochs.
+    metrics = train(
+        make_cfg(
+            "experiment=xor_adam",
+            "callbacks=[default,early_stopping]",
+            "print_every=0",
+            f"paths.root={tmp_path / 'outputs'}",
+        )
+    )
+    assert metrics["train/loss"] < 0.01
+    assert metrics["epochs"] < 1500
 
 
 @pytest.mark.parametrize("name", options("experiment"))

@@ -46,13 +46,21 @@ class RunCheckpoint(Callback):
         every_n_train_steps: the cadence; a one-step-per-epoch run cannot afford every epoch.
 
     Raises:
-        ValueError: if `every_n_train_steps` is below 1.
+        ValueError: if `dirpath` is not a path or `every_n_train_steps` not an integer >= 1.
+            Building one writes nothing (the folder is made at the first save), so a config is
+            checked before training by building its callbacks.
     """
 
     def __init__(self, dirpath: str | Path, every_n_train_steps: int = 1000) -> None:
-        if every_n_train_steps < 1:
+        if not isinstance(dirpath, str | os.PathLike) or not str(dirpath):
+            raise ValueError(f"dirpath must be a folder path, got {dirpath!r}")
+        if (
+            isinstance(every_n_train_steps, bool)
+            or not isinstance(every_n_train_steps, int)
+            or every_n_train_steps < 1
+        ):
             raise ValueError(
-                f"checkpoint every_n_train_steps must be >= 1, got {every_n_train_steps}"
+                f"every_n_train_steps must be an integer >= 1, got {every_n_train_steps!r}"
             )
         self.last_path = Path(dirpath) / "last.ckpt"
         self.every_n_train_steps = every_n_train_steps

@@ -35,12 +35,16 @@ class ConsoleProgress(Callback):
         progress_bar: draw the bar (on stderr).
 
     Raises:
-        ValueError: if `print_every` is negative.
+        ValueError: if `print_every` is not an integer >= 0 or `progress_bar` not a bool.
+            Building one prints and writes nothing, so a config is checked before training by
+            building its callbacks.
     """
 
     def __init__(self, print_every: int = 500, progress_bar: bool = True) -> None:
-        if print_every < 0:
-            raise ValueError(f"print_every must be >= 0 (0 = never), got {print_every}")
+        if isinstance(print_every, bool) or not isinstance(print_every, int) or print_every < 0:
+            raise ValueError(f"print_every must be an integer >= 0 (0: never), got {print_every!r}")
+        if not isinstance(progress_bar, bool):
+            raise ValueError(f"progress_bar must be true or false, got {progress_bar!r}")
         self.print_every = print_every
         self.progress_bar = progress_bar
         self._bar: tqdm | None = None

@@ -119,6 +119,43 @@ class TensorBatches:
             yield x[rows], y[rows]
 
 
+def _is_int(value: object) -> bool:
+    # YAML `true` is a bool, and bool is an int subclass: not a count.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def check_arguments(
+    name: object,
+    batch_size: object,
+    n_samples: object,
+    noise: object,
+    val_fraction: object,
+    seed: object,
+) -> None:
+    """Raise ValueError, naming the `data.*` key and what it allows, for an argument of
+    :class:`InMemoryDataModule` that cannot run. The datamodule's own check, the only one: a
+    config is checked before training by building its datamodule."""
+    if not isinstance(name, str) or name not in DATASETS:
+        raise ValueError(f"data.name must be one of {list(DATASETS)}, got {name!r}")
+    if batch_size is not None and not (_is_int(batch_size) and batch_size >= 1):
+        raise ValueError(
+            f"data.batch_size must be an integer >= 1 or null (the whole training set in one "
+            f"batch), got {batch_size!r}"
+        )
+    if not (_is_int(n_samples) and n_samples >= 1):
+        raise ValueError(f"data.n_samples must be an integer >= 1, got {n_samples!r}")
+    if not (_is_number(noise) and noise >= 0):
+        raise ValueError(f"data.noise must be a number >= 0, got {noise!r}")
+    if not (_is_number(val_fraction) and 0 <= val_fraction < 1):
+        raise ValueError(f"data.val_fraction must be a number in [0, 1), got {val_fraction!r}")
+    if not _is_int(seed):
+        raise ValueError(f"data.seed must be an integer, got {seed!r}")
+
+
 class InMemoryDataModule(pl.LightningDataModule):
     """One of `DATASETS`, generated from `seed`, split into train and val, served as slices.
 
@@ -129,6 +166,11 @@ class InMemoryDataModule(pl.LightningDataModule):
         noise: standard deviation of Gaussian noise on the features (targets for sine).
         val_fraction: share of the points held out for validation (xor has none).
         seed: seeds generation and shuffling.
+
+    Raises:
+        ValueError: if an argument cannot run (:func:`check_arguments`; the message names the
+            `data.*` key and what it allows). Building one writes nothing: the data are
+            generated in memory.
     """
 
     def __init__(
@@ -141,12 +183,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if name not in DATASETS:
-            raise ValueError(f"data.name must be one of {list(DATASETS)}, got {name!r}")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"data.batch_size must be null (full batch) or >= 1, got {batch_size}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        check_arguments(name, batch_size, n_samples, noise, val_fraction, seed)
         self.name, self.batch_size, self.seed = name, batch_size, seed
         self.info = DATASET_INFO[name]
         x, y = make_dataset(name, n_samples, noise, seed)

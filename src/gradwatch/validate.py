@@ -1,8 +1,18 @@
 """Checks a composed config before anything trains, so a typo costs seconds, not a run.
 
-Hydra itself rejects unknown group options and unknown keys (struct mode); what it cannot know
-(types of plain YAML values, ranges, whether the network fits the dataset, whether a GPU is there,
-whether the output folder can be written, whether `ckpt_path` is a checkpoint) is checked here.
+Hydra itself rejects unknown group options and unknown keys (struct mode). Each option is then
+checked once, by what uses it:
+
+- the components (the datamodule, the model, each callback) check their own arguments in their
+  constructors; :func:`check_config` builds them from the config, which writes nothing and
+  trains nothing, and reports what they say (`<key>: <their message>`);
+- what no component of gradwatch owns is checked here, in :data:`RULES`: the top-level keys,
+  the Trainer's and the optimizer's arguments (Lightning and torch would refuse a bad one only
+  in the middle of `fit`, or not at all), and the arguments of Lightning's EarlyStopping that
+  it does not check itself;
+- then what needs the whole config or the machine: the network against the dataset, the GPU,
+  writable output folders, the checkpoint to resume from.
+
 Every message names the key, the value given and what is allowed.
 """
 
@@ -15,20 +25,37 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
+from hydra.utils import get_class, instantiate
+from lightning.fabric.connector import _PRECISION_INPUT
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gradwatch.data import DATASET_INFO, DATASETS
-from gradwatch.model import ACTIVATIONS, LOSSES
+from gradwatch.data import DATASET_INFO
 
 log = logging.getLogger("gradwatch")
 
 CHECKPOINT_KEYS = ("state_dict", "global_step", "epoch")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+# Lightning's own lists: what Trainer(strategy=..., precision=...) accepts.
+STRATEGIES = ("auto", *StrategyRegistry.available_strategies())
+PRECISIONS = tuple(value for literal in get_args(_PRECISION_INPUT) for value in get_args(literal))
+# What the model logs through self.log, so what EarlyStopping can watch.
+LOGGED_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
+# Config nodes that a component builds from (the keys are its constructor's arguments): the
+# component checks them itself. `callbacks.*`: each callback.
+COMPONENTS = ("data", "model", "callbacks.*")
+# What a component's constructor raises for an argument it refuses (Lightning's callbacks raise
+# MisconfigurationException).
+COMPONENT_ERRORS = (ValueError, TypeError, MisconfigurationException)
 
 
 class ConfigError(ValueError):
@@ -63,16 +90,27 @@ def _number(
     return ok, text
 
 
-def _one_of(allowed: tuple[str, ...] | list[str]) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v in allowed), f"one of {list(allowed)}"
-
-
-def _layer_sizes(value: Any) -> bool:
+def _one_of(allowed: tuple[Any, ...] | list[Any]) -> tuple[Callable[[Any], bool], str]:
+    # `v in allowed` would take True for 1 and 1.0 for 1: compare types too.
     return (
-        isinstance(value, list | tuple)
-        and len(value) >= 2
-        and all(_is_int(n) and n >= 1 for n in value)
+        lambda v: any(type(v) is type(a) and v == a for a in allowed),
+        f"one of {list(allowed)}",
     )
+
+
+def _bool(nullable: bool = False) -> tuple[Callable[[Any], bool], str]:
+    text = "true or false" + (" or null" if nullable else "")
+    return (lambda v: isinstance(v, bool) or (nullable and v is None)), text
+
+
+def _subclass_of(base: type, name: str) -> tuple[Callable[[Any], bool], str]:
+    def ok(v: Any) -> bool:
+        try:
+            return isinstance(v, str) and issubclass(get_class(v), base)
+        except Exception:  # noqa: BLE001 - any import failure means the name does not work
+            return False
+
+    return ok, f"the import path of {name} or of a subclass"
 
 
 def _betas(value: Any) -> bool:
@@ -83,58 +121,64 @@ def _betas(value: Any) -> bool:
     )
 
 
-# Key -> (check, what is allowed). A key absent from the config is not checked: groups differ
-# (adam has betas, sgd has momentum) and callbacks can be dropped.
+def _devices(value: Any) -> bool:
+    if isinstance(value, list | tuple):
+        return len(value) > 0 and all(_is_int(d) and d >= 0 for d in value)
+    return value == "auto" or (_is_int(value) and (value >= 1 or value == -1))
+
+
+# Key -> (check, what is allowed), for keys that no component of gradwatch checks. A key absent
+# from the config is not checked: groups differ (adam has betas, sgd has momentum) and callbacks
+# can be dropped. The components' own arguments are not here: see COMPONENTS.
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": (_is_int, "an integer"),
-    "print_every": (_int_at_least(0)[0], "an integer >= 0 (0: never)"),
+    # Lightning's seed_everything refuses a seed outside numpy's range, after this check.
+    "seed": (
+        lambda v: _is_int(v) and min_seed_value <= v <= max_seed_value,
+        f"an integer in [{min_seed_value}, {max_seed_value}]",
+    ),
     "name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "speedups": _bool(),
+    # lightning.pytorch.Trainer's arguments (conf/trainer/).
+    "trainer._target_": _subclass_of(Trainer, "lightning.pytorch.Trainer"),
     "trainer.max_epochs": _int_at_least(1),
+    "trainer.accelerator": _one_of(ACCELERATORS),
+    "trainer.devices": (_devices, "an integer >= 1, -1 (all), 'auto' or a list of device ids"),
     "trainer.num_nodes": _int_at_least(1),
+    "trainer.strategy": _one_of(STRATEGIES),
+    "trainer.precision": _one_of(PRECISIONS),
     "trainer.log_every_n_steps": _int_at_least(1),
     "trainer.check_val_every_n_epoch": _int_at_least(1, nullable=True),
+    "trainer.num_sanity_val_steps": (
+        _int_at_least(-1)[0],
+        "an integer >= 0, or -1 (the whole validation set)",
+    ),
     "trainer.accumulate_grad_batches": _int_at_least(1),
-    "trainer.accelerator": _one_of(ACCELERATORS),
     "trainer.gradient_clip_val": (
         lambda v: v is None or _number(0)[0](v),
         "a number >= 0 or null",
     ),
     "trainer.gradient_clip_algorithm": _one_of(("norm", "value")),
+    "trainer.deterministic": _one_of((True, False, "warn", None)),
+    "trainer.enable_progress_bar": _bool(),
+    "trainer.enable_model_summary": _bool(),
+    "trainer.enable_checkpointing": _bool(),
     "trainer.profiler": _one_of((None, "simple", "advanced", "pytorch")),
+    # The optimizer (conf/optimizer/): MLPModule.configure_optimizers calls the partial with
+    # the model's parameters, inside fit; torch checks less (it takes lr=0 and momentum=1).
+    "optimizer._target_": _subclass_of(torch.optim.Optimizer, "torch.optim.Optimizer"),
+    "optimizer._partial_": (lambda v: v is True, "true (the module calls it with its parameters)"),
     "optimizer.lr": _number(0, low_open=True),
     "optimizer.momentum": _number(0, 1),
     "optimizer.weight_decay": _number(0),
     "optimizer.alpha": _number(0, 1, high_open=False),
     "optimizer.betas": (_betas, "two numbers in [0, 1), e.g. [0.9,0.999]"),
-    "model.layer_sizes": (_layer_sizes, "a list of at least two integers >= 1, e.g. [2,2,1]"),
-    "model.activation": _one_of(list(ACTIVATIONS)),
-    "model.loss": _one_of(LOSSES),
-    "data.name": _one_of(DATASETS),
-    "data.batch_size": _int_at_least(1, nullable=True),
-    "data.n_samples": _int_at_least(1),
-    "data.noise": _number(0),
-    "data.val_fraction": _number(0, 1),
-    "data.seed": (_is_int, "an integer"),
-    "callbacks.checkpoint.every_n_train_steps": _int_at_least(0, nullable=True),
-    # The gradient monitor's own arguments (GradientMonitor.__init__ checks the same, later).
-    "callbacks.gradient_monitor.bins": _int_at_least(1),
-    "callbacks.gradient_monitor.log_every_n_steps": (
-        _int_at_least(0, nullable=True)[0],
-        "an integer >= 1, 0 (never) or null (the trainer's)",
-    ),
-    "callbacks.gradient_monitor.histogram_every_n_steps": (
-        _int_at_least(0, nullable=True)[0],
-        "an integer >= 1, 0 (never) or null (ten times the scalar cadence)",
-    ),
-    "callbacks.gradient_monitor.vanishing_patience": _int_at_least(1),
-    "callbacks.gradient_monitor.exploding_window": _int_at_least(1),
-    "callbacks.gradient_monitor.stall_patience": _int_at_least(2),
-    "callbacks.gradient_monitor.vanishing_threshold": _number(0),
-    "callbacks.gradient_monitor.vanishing_fraction": _number(0),
-    "callbacks.gradient_monitor.stall_update_ratio": _number(0),
-    "callbacks.gradient_monitor.stall_loss_tol": _number(0),
-    "callbacks.gradient_monitor.exploding_factor": _number(1, low_open=True),
-    "callbacks.gradient_monitor.on_nonfinite": _one_of(("warn", "stop")),
+    # Lightning's EarlyStopping (conf/callbacks/early_stopping.yaml) checks only its `mode`
+    # itself (that one is asked, with the other callbacks); these it would trip on mid-run.
+    "callbacks.early_stopping.monitor": _one_of(LOGGED_METRICS),
+    "callbacks.early_stopping.patience": _int_at_least(0),
+    "callbacks.early_stopping.min_delta": _number(0),
+    "callbacks.early_stopping.check_on_train_epoch_end": _bool(nullable=True),
+    "callbacks.early_stopping.strict": _bool(),
 }
 
 
@@ -151,13 +195,17 @@ def _show(key: str, value: Any) -> str:
     return f"{key}={value!r}"
 
 
-def check_values(cfg: DictConfig) -> None:
-    """Raise one ConfigError listing every known key whose value has the wrong type or range."""
-    problems = []
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def rule_problems(cfg: DictConfig) -> dict[str, str]:
+    """Key -> what is wrong with it, for every key of :data:`RULES` whose value breaks its rule."""
+    problems = {}
     for key, (ok, allowed) in RULES.items():
         parent_key, _, leaf = key.rpartition(".")
         parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
-        # A value copied from another key (data.seed: ${seed}) is reported there, once.
+        # A value copied from another key (name: ${data.name}) is reported there, once.
         if not isinstance(parent, DictConfig) or leaf not in parent:
             continue
         if OmegaConf.is_interpolation(parent, leaf):
@@ -165,10 +213,91 @@ def check_values(cfg: DictConfig) -> None:
         try:
             value = _plain(OmegaConf.select(cfg, key, throw_on_missing=True))
         except OmegaConfBaseException as error:
-            problems.append(f"{key}: {str(error).splitlines()[0]}")
+            problems[key] = f"{key}: {str(error).splitlines()[0]}"
             continue
         if not ok(value):
-            problems.append(f"{_show(key, value)} is not allowed: expected {allowed}")
+            problems[key] = f"{_show(key, value)} is not allowed: expected {allowed}"
+    return problems
+
+
+def component_nodes(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """(key, node) of every config node that a component is built from (:data:`COMPONENTS`)."""
+    nodes = []
+    for pattern in COMPONENTS:
+        if pattern.endswith(".*"):
+            group = pattern[:-2]
+            children = cfg.get(group) or {}
+            nodes += [(f"{group}.{name}", node) for name, node in children.items()]
+        else:
+            nodes.append((pattern, cfg.get(pattern)))
+    return [(key, node) for key, node in nodes if isinstance(node, DictConfig)]
+
+
+def _copied_from(node: DictConfig) -> set[str]:
+    """The keys that values of `node` are copied from: {"seed"} for data (seed: ${seed})."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str):
+            found.update(re.findall(r"\$\{([\w.]+)\}", value))
+        elif isinstance(value, dict | list):
+            for item in value.values() if isinstance(value, dict) else value:
+                walk(item)
+
+    walk(OmegaConf.to_container(node, resolve=False))
+    return found
+
+
+def build_component(key: str, node: DictConfig) -> Any:
+    """The component that `node` (at `key`) configures, built as training builds it. Building
+    writes nothing and trains nothing; the model's weights are drawn without moving the global
+    random state."""
+    if key == "model":
+        with torch.random.fork_rng(devices=[]):
+            # The optimizer is the module's to keep, not to check: RULES checks it.
+            return instantiate(node, _recursive_=False)
+    return instantiate(node)
+
+
+def component_problem(key: str, node: DictConfig) -> str | None:
+    """What the component at `key` says about its arguments (built with :func:`build_component`),
+    as `<key>: <its message>`, or its message alone when that names the key; None if it builds."""
+    try:
+        build_component(key, node)
+        return None
+    except InstantiationException as error:
+        cause = error.__cause__
+        if str(error).startswith("Error locating target"):
+            # Hydra's cause: "Error loading 'x':" / the import error / "Are you sure that...".
+            lines = str(cause).splitlines() if cause else []
+            reason = _one_line(lines[1]) if len(lines) > 1 else "not found"
+            target = _show(f"{key}._target_", node.get("_target_"))
+            return f"{target} cannot be imported: {reason}"
+        if cause is None:  # Hydra's own refusal of the target (its instantiate policy)
+            message = _one_line(str(error).split("\nfull_key:")[0])
+        elif isinstance(cause, COMPONENT_ERRORS):
+            message = _one_line(str(cause))
+        else:  # anything else inside a constructor is a bug, not a config value: as it is
+            raise
+    except COMPONENT_ERRORS as error:
+        message = _one_line(str(error))
+    except OmegaConfBaseException as error:
+        message = str(error).splitlines()[0]
+    return message if message.startswith(f"{key}.") else f"{key}: {message}"
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Raise one ConfigError listing every value that cannot run: the keys of :data:`RULES`,
+    then what each component says about its own (a component is not asked about a value it
+    copies from a key already reported, so `seed=abc` is reported once, at `seed`)."""
+    reported = rule_problems(cfg)
+    problems = list(reported.values())
+    for key, node in component_nodes(cfg):
+        if _copied_from(node) & set(reported):
+            continue
+        problem = component_problem(key, node)
+        if problem:
+            problems.append(problem)
     if len(problems) == 1:
         raise ConfigError(problems[0])
     if problems:
@@ -179,7 +308,7 @@ def check_config(cfg: DictConfig) -> str | None:
     """Raise ConfigError for values in `cfg` that cannot run; return the checkpoint to resume
     from (`ckpt_path` resolved by :func:`resolve_checkpoint`), or None to start fresh.
 
-    Order: types and ranges of every known key (all problems at once), then the network against
+    Order: every value (all problems at once: :func:`check_values`), then the network against
     the dataset, then the machine (GPU, writable folders), then the checkpoint.
     """
     check_values(cfg)
@@ -191,10 +320,10 @@ def check_config(cfg: DictConfig) -> str | None:
 
 def check_model_fits_data(cfg: DictConfig) -> None:
     """The network's first and last sizes and the loss must suit the dataset."""
+    # The datamodule and the model have checked each value (check_values): here, the two
+    # together.
     info = DATASET_INFO[cfg.data.name]
     sizes, loss = list(cfg.model.layer_sizes), cfg.model.loss
-    if loss not in LOSSES:
-        raise ConfigError(f"model.loss={loss!r} is not one of {list(LOSSES)}")
     if sizes[0] != info.num_inputs:
         raise ConfigError(
             f"model.layer_sizes={sizes} starts with {sizes[0]} inputs, but data={cfg.data.name} "
@@ -261,9 +390,9 @@ def writable_problem(path: str | Path) -> str | None:
 
 
 def _output_paths(cfg: DictConfig) -> list[tuple[str, Any]]:
-    """(key, path) of every folder the run writes into: the run directory, the checkpoint
-    folders of callbacks, the save_dir of loggers."""
-    keys = ["paths.output_dir"]
+    """(key, path) of every folder the run writes into: the runs' root and the run directory,
+    the checkpoint folders of callbacks, the save_dir of loggers."""
+    keys = ["paths.root", "paths.output_dir"]
     for group, field in (("callbacks", "dirpath"), ("logger", "save_dir")):
         for name, node in (cfg.get(group) or {}).items():
             if isinstance(node, DictConfig) and node.get(field) is not None:
