@@ -291,6 +291,38 @@ def test_network_and_loss_must_fit_the_dataset(check, overrides, expected):
     assert message is not None and message.startswith(expected)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            "callbacks.early_stopping.monitor=val/loss",
+            "callbacks.early_stopping.monitor=val/loss but data=xor has no validation split",
+        ),
+        (
+            "callbacks.early_stopping.monitor=val/loss data=moons",
+            "callbacks.early_stopping.monitor=val/loss is checked after every training epoch, "
+            "but validation runs every trainer.check_val_every_n_epoch=50",
+        ),
+    ],
+)
+def test_early_stopping_on_a_val_metric_needs_validation_first(check, overrides, expected):
+    message = check("callbacks=[default,early_stopping]", *overrides.split())
+    assert message is not None and message.startswith(expected)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        "callbacks.early_stopping.check_on_train_epoch_end=false",
+        "trainer.check_val_every_n_epoch=1",
+        "callbacks.early_stopping.strict=false",
+    ],
+)
+def test_early_stopping_on_a_val_metric_that_validation_gives_passes(check, overrides):
+    base = ["callbacks=[default,early_stopping]", "callbacks.early_stopping.monitor=val/loss"]
+    assert check(*base, "data=moons", overrides) is None
+
+
 def test_every_problem_is_listed_at_once(check):
     message = check("trainer.max_epochs=0", "optimizer.lr=-1", "print_every=-1")
     assert message.splitlines() == [

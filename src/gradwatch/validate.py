@@ -309,10 +309,12 @@ def check_config(cfg: DictConfig) -> str | None:
     from (`ckpt_path` resolved by :func:`resolve_checkpoint`), or None to start fresh.
 
     Order: every value (all problems at once: :func:`check_values`), then the network against
-    the dataset, then the machine (GPU, writable folders), then the checkpoint.
+    the dataset and early stopping against validation, then the machine (GPU, writable
+    folders), then the checkpoint.
     """
     check_values(cfg)
     check_model_fits_data(cfg)
+    check_early_stopping_has_its_metric(cfg)
     check_accelerator(cfg)
     check_writable_outputs(cfg)
     return resolve_checkpoint(cfg.get("ckpt_path"), cfg.paths.root, cfg.name)
@@ -344,6 +346,31 @@ def check_model_fits_data(cfg: DictConfig) -> None:
         raise ConfigError(
             f"model.loss={loss} fits two classes, but data={cfg.data.name} has "
             f"{info.num_classes}: use model.loss=cross_entropy"
+        )
+
+
+def check_early_stopping_has_its_metric(cfg: DictConfig) -> None:
+    """EarlyStopping (strict) on a val/ metric stops the run with an error at its first check if
+    validation has not run by then: a dataset without a held-out split (xor), or a check after a
+    training epoch that did not validate."""
+    node = (cfg.get("callbacks") or {}).get("early_stopping")
+    if not isinstance(node, DictConfig) or not node.get("strict", True):
+        return
+    monitor = node.get("monitor")
+    if not (isinstance(monitor, str) and monitor.startswith("val/")):
+        return
+    given = f"callbacks.early_stopping.monitor={monitor}"
+    if not len(build_component("data", cfg.data).val_x):
+        raise ConfigError(
+            f"{given} but data={cfg.data.name} has no validation split: "
+            "use callbacks.early_stopping.monitor=train/loss"
+        )
+    every = cfg.trainer.get("check_val_every_n_epoch", 1)
+    if node.get("check_on_train_epoch_end") and every != 1:
+        raise ConfigError(
+            f"{given} is checked after every training epoch, but validation runs every "
+            f"trainer.check_val_every_n_epoch={every}: "
+            "use callbacks.early_stopping.check_on_train_epoch_end=false (check after validation)"
         )
 
 
