@@ -13,8 +13,6 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from gradwatch.overhead import skip_unused_batch_hooks
-
 DATASETS = ("xor", "moons", "circles", "spiral", "sine")
 
 
@@ -194,10 +192,6 @@ class InMemoryDataModule(pl.LightningDataModule):
             order = torch.arange(len(x))
         self.train_x, self.train_y = x[order[n_val:]], y[order[n_val:]]
         self.val_x, self.val_y = x[order[:n_val]], y[order[:n_val]]
-
-    def setup(self, stage: str) -> None:
-        # Batches are tensors already on the device: no transfer hook here, none to ask about.
-        skip_unused_batch_hooks(self)
 
     def _batches(self, x: Tensor, y: Tensor, shuffle: bool) -> TensorBatches:
         # Move the whole set to the training device once; every batch is then a view of it.
