@@ -6,11 +6,15 @@ import sys
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gradwatch.checkpoints import AtomicCheckpointIO
+from gradwatch.checkpoints import AtomicCheckpointIO, RunCheckpoint
+from gradwatch.data import InMemoryDataModule
+from gradwatch.model import MLPModule
 from gradwatch.train import train
 
 # Long enough to be interrupted; checkpoints often enough to be caught by a hard kill.
@@ -109,3 +113,35 @@ def test_failed_checkpoint_write_leaves_the_previous_one_whole(tmp_path, monkeyp
         io.save_checkpoint({"global_step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"global_step": 1}
+
+
+def test_a_stop_on_a_logging_step_keeps_that_steps_values(tmp_path):
+    """Lightning writes a step's `self.log` values after on_train_batch_end: a stop asked for
+    during logging step 19 saves step 20 and ends the run only once step 19's values are written,
+    so the resumed run (which starts at step 20) continues one curve with no step missing."""
+    checkpoint = RunCheckpoint(tmp_path / "checkpoints", every_n_train_steps=1000)
+
+    class CtrlCAtStep19(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == 19:
+                checkpoint.stop_signal = signal.SIGINT
+
+    trainer = pl.Trainer(
+        max_epochs=100,
+        log_every_n_steps=20,
+        callbacks=[CtrlCAtStep19(), checkpoint],
+        logger=TensorBoardLogger(tmp_path, name="", version=""),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # Lightning's graceful interrupt: exit 1
+            trainer.fit(MLPModule(), datamodule=InMemoryDataModule("xor"))
+    finally:
+        signal.signal(signal.SIGINT, sigint)  # Lightning ignores further Ctrl-C on its way out
+    assert torch.load(checkpoint.last_path, weights_only=True)["global_step"] == 20
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == [19]

@@ -65,6 +65,7 @@ class RunCheckpoint(Callback):
         self.last_path = Path(dirpath) / "last.ckpt"
         self.every_n_train_steps = every_n_train_steps
         self.stop_signal: int | None = None
+        self._stopping = False  # saved after a stop signal: stop at the next hook
         self._saved_step = -1
         self._previous_handlers: dict[int, Any] = {}
 
@@ -107,14 +108,33 @@ class RunCheckpoint(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self.stop_signal is not None:
+        if self.stop_signal is not None and not self._stopping:
             self.save(trainer, pl_module)
             name = signal.Signals(self.stop_signal).name
             log.info(f"{name} received: saved {self.last_path} at step {self._saved_step}.")
-            # Lightning's interrupt path: callbacks' on_exception, loggers flushed, exit 1.
-            raise KeyboardInterrupt
+            # Stop at the next hook, once Lightning has written this step's `self.log` values
+            # (it does so after every on_train_batch_end): the resumed run starts after them.
+            self._stopping = True
+            return
         if trainer.global_step % self.every_n_train_steps == 0:
             self.save(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(self, trainer: "pl.Trainer", *args: Any) -> None:
+        self._stop_if_asked()
+
+    @override
+    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._stop_if_asked()
+
+    @override
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._stop_if_asked()
+
+    def _stop_if_asked(self) -> None:
+        if self._stopping:
+            # Lightning's interrupt path: callbacks' on_exception, loggers flushed, exit 1.
+            raise KeyboardInterrupt
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
