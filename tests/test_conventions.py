@@ -47,6 +47,7 @@ def fit(tmp_path, callbacks, epochs=300, every=50, optimizer=ADAM):
         log_every_n_steps=every,
         callbacks=[*callbacks, recorder],
         logger=TensorBoardLogger(tmp_path, name="", version=""),
+        default_root_dir=tmp_path,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
