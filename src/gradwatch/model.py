@@ -125,10 +125,11 @@ class MLPModule(pl.LightningModule):
         return (predicted == y).to(torch.float32).mean()
 
     def on_train_start(self) -> None:
-        # Lightning's `self.log` costs a fraction of a millisecond a call, as much as a step of the
-        # tutorial's network: the training metrics go through it on the steps Lightning writes,
-        # and on every step only when a callback monitors one (EarlyStopping, ModelCheckpoint and
-        # the like read `trainer.callback_metrics` whenever they check).
+        # Lightning's `self.log` walks the logged metric's state on every call (a tenth of a
+        # millisecond or more, a step of the tutorial's network): the training metrics go through
+        # it on the steps Lightning writes, and on every step only when a callback monitors one
+        # (EarlyStopping, ModelCheckpoint and the like read `trainer.callback_metrics` whenever
+        # they check).
         monitored = [getattr(c, "monitor", None) for c in self.trainer.callbacks]
         self._log_every_step = any(isinstance(m, str) and m.startswith("train/") for m in monitored)
 

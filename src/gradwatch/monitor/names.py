@@ -99,13 +99,9 @@ def _claim(name: str, kind: str, used: set[str]) -> str:
     return tag
 
 
-def is_sparse(tensor: Tensor) -> bool:
-    return tensor.layout != torch.strided
-
-
 def stored_values(tensor: Tensor) -> Tensor:
     """A dense tensor itself; of a sparse one, its stored values once duplicates are summed (their
     norm is the dense tensor's norm)."""
-    if not is_sparse(tensor):
+    if tensor.layout == torch.strided:
         return tensor
     return tensor.coalesce().values()
