@@ -1,8 +1,12 @@
 """gradwatch-report against event files written here by hand, with values known in advance."""
 
+import errno
 import json
 import math
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +221,223 @@ def test_unknown_layer_is_an_error(tmp_path, capsys):
     assert main([str(tmp_path / "run"), "--layers", "fc9"]) == 2
     err = capsys.readouterr().err
     assert "fc9" in err and "fc1 fc2" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, never a traceback; exit 2 for arguments, 1 for unreadable data
+# ------------------------------------------------------------------------------------------------
+
+
+def one_line(err: str, kind: str = "error") -> str:
+    """stderr holds one line of `kind` and no traceback; return it."""
+    assert "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith(f"gradwatch-report: {kind}: "), err
+    return err
+
+
+def event_file(run: Path) -> Path:
+    (path,) = run.glob("events.out.tfevents.*")
+    return path
+
+
+@pytest.fixture
+def deny(monkeypatch):
+    """`deny(path)`: chmod 000. Root ignores permissions, so there the calls the report makes
+    fail as the kernel fails them for a user: listing a folder, opening a file below it,
+    os.access."""
+    denied: list[Path] = []
+
+    def under(path) -> bool:
+        path = Path(path)
+        return any(path == d or d in path.parents for d in denied)
+
+    def refuse(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    if os.geteuid() == 0:
+        scandir, listdir, path_open, access = os.scandir, os.listdir, Path.open, os.access
+        monkeypatch.setattr(os, "scandir", lambda p=".": refuse(p) if under(p) else scandir(p))
+        monkeypatch.setattr(os, "listdir", lambda p=".": refuse(p) if under(p) else listdir(p))
+        monkeypatch.setattr(
+            Path, "open", lambda s, *a, **k: refuse(s) if under(s) else path_open(s, *a, **k)
+        )
+        monkeypatch.setattr(os, "access", lambda p, m, **k: not under(p) and access(p, m, **k))
+
+    def chmod_000(path: Path) -> None:
+        path.chmod(0)
+        denied.append(path)
+
+    yield chmod_000
+    for path in denied:  # so that pytest can remove tmp_path
+        path.chmod(0o755)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b"a: [\n", b"a: 1\n", b"42\n", b"- seed=1\n- {a: b}\n", b"- seed=\xff\n"],
+    ids=["bad-yaml", "mapping", "number", "item-not-a-string", "not-utf8"],
+)
+def test_bad_overrides_yaml_is_a_warning_and_the_folder_labels_the_run(tmp_path, capsys, text):
+    run = tmp_path / "run"
+    write_fixture_run(run)
+    (run / "overrides.yaml").write_bytes(text)
+    assert main([str(run)]) == 0
+    err = one_line(capsys.readouterr().err, "warning")
+    assert f"{run / 'overrides.yaml'}: " in err and "labelled by its folder" in err
+    data = json.loads((run / "report" / "report.json").read_text())
+    assert [r["label"] for r in data["runs"]] == [f"{tmp_path.name}/run"]
+    assert data["warnings"] and not data["errors"]
+
+
+@pytest.mark.parametrize("where", ["file", "below-a-file"])
+def test_out_that_cannot_be_a_folder_is_refused_and_nothing_written(tmp_path, capsys, where):
+    run = tmp_path / "run"
+    write_fixture_run(run)
+    a_file = tmp_path / "taken"
+    a_file.write_text("mine\n")
+    out = a_file if where == "file" else a_file / "sub"
+    assert main([str(run), "--out", str(out)]) == 2
+    err = one_line(capsys.readouterr().err)
+    assert f"--out {out}: " in err and "--out must be a folder" in err
+    assert a_file.read_text() == "mine\n"
+    assert not (run / "report").exists()
+
+
+def test_a_plot_that_cannot_be_written_is_exit_1(tmp_path, capsys):
+    """Past the up-front check of --out, a write can still fail (a full disk; here a folder
+    where the plot goes): the file is named, one line."""
+    run = tmp_path / "run"
+    write_fixture_run(run)
+    (tmp_path / "out" / "loss.png").mkdir(parents=True)
+    assert main([str(run), "--out", str(tmp_path / "out")]) == 1
+    err = one_line(capsys.readouterr().err)
+    assert f"{tmp_path / 'out' / 'loss.png'}: cannot write: " in err
+
+
+def frame(data: bytes) -> bytes:
+    """One TFRecord: length, its masked CRC, data, its masked CRC."""
+    from gradwatch.report_runs import _masked_crc32c
+
+    head = struct.pack("<Q", len(data))
+    crc = struct.pack("<I", _masked_crc32c(head)), struct.pack("<I", _masked_crc32c(data))
+    return head + crc[0] + data + crc[1]
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (np.random.default_rng(0).bytes(5000), "record 1 (byte 0) fails its checksum"),
+        (b"", "empty, no events"),
+        (frame(b"\xff\xff\xff\xff not a protobuf"), "record 1 (byte 0) is not a TensorBoard event"),
+    ],
+    ids=["random-bytes", "empty", "records-not-events"],
+)
+def test_unreadable_event_file_is_exit_1_and_nothing_written(tmp_path, capsys, content, says):
+    run = tmp_path / "run"
+    write_fixture_run(run)
+    event_file(run).write_bytes(content)
+    assert main([str(run)]) == 1
+    err = one_line(capsys.readouterr().err)
+    assert f"{event_file(run)}: " in err and says in err
+    assert not (run / "report").exists()
+
+
+@pytest.mark.parametrize("damage", ["cut", "flipped-byte"])
+def test_damaged_event_file_reports_the_records_before_the_damage(tmp_path, capsys, damage):
+    """TensorBoard stops silently at a cut record or a bad checksum; the report says so."""
+    run = tmp_path / "run"
+    write_fixture_run(run)
+    data = bytearray(event_file(run).read_bytes())
+    if damage == "cut":  # a run killed mid-write
+        data = data[:-10]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    event_file(run).write_bytes(bytes(data))
+    assert main([str(run)]) == 1
+    err = one_line(capsys.readouterr().err)
+    says = "is cut short" if damage == "cut" else "fails its checksum"
+    assert f"{event_file(run)}: record " in err and says in err
+    assert "the report shows the" in err
+    data = json.loads((run / "report" / "report.json").read_text())
+    assert len(data["runs"]) == 1 and data["errors"] == [err.split("error: ", 1)[1].strip()]
+    if damage == "flipped-byte":  # the steps after the damage are gone
+        assert data["runs"][0]["steps"][1] < STEPS[-1]
+
+
+def test_one_unreadable_run_of_several_is_named_and_the_others_reported(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    for seed in (1, 2, 3):
+        write_fixture_run(sweep / f"seed={seed}", seed=seed, overrides=[f"seed={seed}"])
+    event_file(sweep / "seed=2").write_bytes(b"garbage" * 100)
+    assert main([str(sweep)]) == 1
+    err = one_line(capsys.readouterr().err)
+    assert str(event_file(sweep / "seed=2")) in err
+    data = json.loads((sweep / "report" / "report.json").read_text())
+    assert [r["label"] for r in data["runs"]] == ["seed=1", "seed=3"]
+
+
+@pytest.mark.parametrize(
+    ("what", "code"),
+    [
+        ("event-file", 1),
+        ("run-folder", 1),
+        ("sweep-job", 1),
+        ("overrides", 0),
+        ("out-folder", 2),
+        ("out-below-locked", 2),
+    ],
+)
+def test_permission_denied_is_one_line(tmp_path, capsys, deny, what, code):
+    sweep = tmp_path / "sweep"
+    run, other = sweep / "a", sweep / "b"
+    write_fixture_run(run)
+    write_fixture_run(other, seed=2)
+    args = [str(run)]
+    locked = {
+        "event-file": event_file(run),
+        "run-folder": run,
+        "sweep-job": run,
+        "overrides": run / "overrides.yaml",
+        "out-folder": tmp_path / "out",
+        "out-below-locked": tmp_path / "out",
+    }[what]
+    if what == "sweep-job":
+        args = [str(sweep)]
+    if what.startswith("out"):
+        locked.mkdir()
+        out = locked if what == "out-folder" else locked / "new"
+        args += ["--out", str(out)]
+    deny(locked)
+    assert main(args) == code
+    err = one_line(capsys.readouterr().err, "warning" if code == 0 else "error")
+    if what.startswith("out"):
+        assert f"--out {out}: {locked} is not writable" in err
+        assert not (run / "report").exists()
+    else:
+        assert f"{locked}: cannot read: Permission denied" in err
+    if what == "sweep-job":  # the readable job is still reported
+        (summary,) = json.loads((sweep / "report" / "report.json").read_text())["runs"]
+        assert summary["path"] == str(other)
+
+
+def test_files_the_report_does_not_read_do_not_matter(tmp_path, capsys):
+    run = tmp_path / "run"
+    write_fixture_run(run)
+    (run / "metrics.json").write_text("{not json")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"\0" * 10)
+    assert main([str(run)]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_command_line_exit_status_and_stderr(tmp_path):
+    """As a user runs it: no traceback, not even a logged one from TensorBoard's reader."""
+    run = tmp_path / "run"
+    write_fixture_run(run)
+    event_file(run).write_bytes(b"\x00" * 100)
+    done = subprocess.run(
+        [sys.executable, "-m", "gradwatch.report", str(run)], capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    one_line(done.stderr)
+    assert str(event_file(run)) in done.stderr and not (run / "report").exists()

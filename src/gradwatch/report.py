@@ -13,6 +13,12 @@ TensorBoard shows. Tags read: `*/loss` (loss curves), `grad_norm/<layer>`,
 Plots written: `loss.png`, `grad_norms.png`, `grad_flow_bars.png` (the monitor's
 own `grad_flow.png` in the run directory is another plot), `hist_<layer>.png` per chosen layer,
 `scalars.png` for `--tags`; and `report.json` with every number the tables print.
+
+Runs are found and read in `gradwatch.report_runs`; this module draws and prints. Bad input is
+one line on stderr, never a traceback: exit status 2 for bad arguments (nothing written), 1 for
+a file that cannot be read (an event file that is garbage or cut short, a folder that cannot be
+listed: the other runs are still reported) or written. A bad `overrides.yaml` only costs the
+run its label: a warning, exit status 0.
 """
 
 import argparse
@@ -23,158 +29,24 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
-from tensorboard.backend.event_processing import event_accumulator as ea
 
 from gradwatch.layers import layer_of
+from gradwatch.report_runs import (
+    DataError,
+    Problems,
+    ReportError,
+    Run,
+    find_runs,
+    label_runs,
+    load_run,
+)
 
-EVENT_PREFIX = "events.out.tfevents"
-# Everything for scalars, histograms and text (alerts, hparams); images and audio are not used.
-SIZE_GUIDANCE = {
-    ea.SCALARS: 0,
-    ea.HISTOGRAMS: 0,
-    ea.TENSORS: 0,
-    ea.COMPRESSED_HISTOGRAMS: 1,
-    ea.IMAGES: 1,
-    ea.AUDIO: 1,
-}
-# Overrides that say where a run lives, not what it is: left out of legend labels.
-LABEL_SKIP = ("paths.", "hydra.", "ckpt_path=", "name=")
 HIST_KINDS = ("grad_hist", "weight_hist")
 GRID_BINS = 80
-
-
-class ReportError(Exception):
-    """A problem with the user's input (a path, a layer name): one line, exit status 2."""
-
-
-@dataclass
-class Run:
-    """What one run's event files hold, as plain lists."""
-
-    path: Path
-    label: str = ""
-    overrides: list[str] = field(default_factory=list)
-    scalars: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
-    # tag -> [(step, bucket left edges, bucket right edges, counts)]
-    histograms: dict[str, list[tuple[int, list[float], list[float], list[float]]]] = field(
-        default_factory=dict
-    )
-    alerts: list[tuple[int, str]] = field(default_factory=list)
-    hparams: dict[str, Any] = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------------------------
-# Finding and reading runs
-# ------------------------------------------------------------------------------------------------
-
-
-def _has_events(directory: Path) -> bool:
-    return any(p.name.startswith(EVENT_PREFIX) and p.is_file() for p in directory.iterdir())
-
-
-def find_runs(path: Path) -> list[Path]:
-    """`path` itself if it holds event files, else every directory below it that does (a sweep)."""
-    if not path.exists():
-        raise ReportError(f"{path}: no such file or directory")
-    if not path.is_dir():
-        raise ReportError(f"{path}: not a directory (give a run directory or a sweep folder)")
-    if _has_events(path):
-        return [path]
-    runs = []
-    for root, dirs, _ in os.walk(path):
-        dirs.sort()
-        root_path = Path(root)
-        if root_path != path and _has_events(root_path):
-            runs.append(root_path)
-            dirs.clear()  # a run's subdirectories (checkpoints, report) are part of it
-    if not runs:
-        raise ReportError(
-            f"{path}: no TensorBoard event files ({EVENT_PREFIX}.*) in it or below it;"
-            " give a run directory such as outputs/xor/<timestamp> or a sweep folder"
-        )
-    return runs
-
-
-def read_overrides(run_dir: Path) -> list[str]:
-    """The run's command-line overrides: gradwatch's `overrides.yaml`, else Hydra's own."""
-    for candidate in (run_dir / "overrides.yaml", run_dir / ".hydra" / "overrides.yaml"):
-        if candidate.is_file():
-            loaded = yaml.safe_load(candidate.read_text()) or []
-            return [str(o) for o in loaded] if isinstance(loaded, list) else []
-    return []
-
-
-def _plugin_tags(acc: ea.EventAccumulator, plugin: str) -> dict[str, bytes]:
-    try:
-        return acc.PluginTagToContent(plugin)
-    except KeyError:  # no summary of that plugin in this run
-        return {}
-
-
-def _hparams(acc: ea.EventAccumulator) -> dict[str, Any]:
-    """Hyperparameters the HParams plugin recorded for this run (its session start info)."""
-    from tensorboard.plugins.hparams import metadata as hp_metadata
-
-    raw = _plugin_tags(acc, hp_metadata.PLUGIN_NAME).get(hp_metadata.SESSION_START_INFO_TAG)
-    if raw is None:
-        return {}
-    info = hp_metadata.parse_session_start_info_plugin_data(raw)
-    out: dict[str, Any] = {}
-    for name, value in info.hparams.items():
-        kind = value.WhichOneof("kind")
-        out[name] = getattr(value, kind) if kind else None
-    return out
-
-
-def _text(tensor_proto: Any) -> str:
-    from tensorboard.util import tensor_util
-
-    values = tensor_util.make_ndarray(tensor_proto).reshape(-1)
-    return " ".join(v.decode() if isinstance(v, bytes) else str(v) for v in values)
-
-
-def load_run(path: Path) -> Run:
-    """Every scalar, histogram, alert and hyperparameter in the run's event files."""
-    acc = ea.EventAccumulator(str(path), size_guidance=SIZE_GUIDANCE)
-    acc.Reload()
-    tags = acc.Tags()
-    run = Run(path=path, overrides=read_overrides(path))
-    for tag in tags[ea.SCALARS]:
-        events = acc.Scalars(tag)
-        run.scalars[tag] = ([e.step for e in events], [e.value for e in events])
-    for tag in tags[ea.HISTOGRAMS]:
-        rows = []
-        for e in acc.Histograms(tag):
-            h = e.histogram_value
-            right = list(h.bucket_limit)
-            left = [min(h.min, right[0]) if right else h.min, *right[:-1]]
-            rows.append((e.step, left, right, list(h.bucket)))
-        run.histograms[tag] = rows
-    for tag in _plugin_tags(acc, "text"):
-        if tag == "alerts" or tag.startswith("alerts/"):
-            run.alerts += [(e.step, _text(e.tensor_proto)) for e in acc.Tensors(tag)]
-    run.alerts.sort(key=lambda a: a[0])
-    run.hparams = _hparams(acc)
-    return run
-
-
-def label_runs(runs: list[Run]) -> None:
-    """Legend labels: the overrides that tell the runs apart, else `<name>/<run dir>`, the run's
-    name in `tensorboard --logdir outputs`."""
-    kept = [[o for o in r.overrides if not o.startswith(LABEL_SKIP)] for r in runs]
-    common = set.intersection(*(set(k) for k in kept)) if len(runs) > 1 else set()
-    labels = [
-        ",".join(o for o in k if o not in common) or f"{r.path.parent.name}/{r.path.name}"
-        for k, r in zip(kept, runs, strict=True)
-    ]
-    for i, r in enumerate(runs):
-        r.label = labels[i] if labels.count(labels[i]) == 1 else f"{labels[i]} ({r.path.name})"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -557,6 +429,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gradwatch-report",
         description="Per-layer gradient tables and PNG plots from TensorBoard event files.",
+        epilog="exit status: 0 every run reported; 1 a file could not be read or written (the"
+        " readable runs are still reported); 2 bad arguments (nothing written)",
     )
     p.add_argument(
         "paths", nargs="+", type=Path, metavar="RUN_DIR", help="run directories or sweep folders"
@@ -589,15 +463,67 @@ def _default_out(paths: list[Path]) -> Path:
     return Path(os.path.commonpath([p.resolve() for p in paths])) / "report"
 
 
+def check_out(out: Path, given: bool) -> None:
+    """Refuse an output folder that cannot be written before any run is read, so that a refused
+    argument writes nothing (the folder is only made once there is something to put in it)."""
+    name = f"--out {out}" if given else f"{out} (the default --out)"
+    existing = out
+    # os.path.exists, not Path.exists: False rather than PermissionError inside a locked folder.
+    while not os.path.exists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "it is a file" if existing == out else f"{existing} is a file"
+        raise ReportError(f"{name}: {what}; --out must be a folder (or a path that can be created)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        hint = "" if given else "; give --out DIR"
+        raise ReportError(f"{name}: {existing} is not writable (permission denied){hint}")
+
+
+def say(kind: str, message: str) -> None:
+    """One line on stderr whatever the message holds (a YAML problem, a path with a newline)."""
+    print(f"gradwatch-report: {kind}: " + " ".join(message.splitlines()), file=sys.stderr)
+
+
 def report(
     paths: Sequence[Path],
     out: Path | None = None,
     layers: Sequence[str] | None = None,
     tags: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Read the runs under `paths`, print the tables, write the plots; return what was printed."""
-    run_dirs = list(dict.fromkeys(r for p in paths for r in find_runs(Path(p))))
-    runs = [load_run(d) for d in run_dirs]
+    """Read the runs under `paths`, print the tables, write the plots; return what was printed.
+    Runs that cannot be read are left out and named in `errors`; with none left nothing is
+    written."""
+    paths = [Path(p) for p in paths]
+    problems = Problems()
+    run_dirs: list[Path] = []
+    for path in paths:
+        try:
+            run_dirs += find_runs(path, problems)
+        except DataError as error:
+            problems.errors.append(str(error))
+    # After the paths (the default --out is below them), before reading any run; not when no
+    # path could be listed: then that is the news, and nothing is written anyway.
+    out = Path(out) if out else None
+    if run_dirs:
+        check_out(out or _default_out(paths), given=out is not None)
+    runs = []
+    for run_dir in dict.fromkeys(run_dirs):
+        try:
+            runs.append(load_run(run_dir, problems))
+        except DataError as error:
+            problems.errors.append(str(error))
+    for message in problems.warnings:
+        say("warning", message)
+    for message in problems.errors:
+        say("error", message)
+    result: dict[str, Any] = {
+        "runs": [],
+        "plots": [],
+        "errors": problems.errors,
+        "warnings": problems.warnings,
+    }
+    if not runs:
+        return result
     label_runs(runs)
     hist_layers = list(
         dict.fromkeys(
@@ -619,9 +545,7 @@ def report(
     if tags and not extra:
         raise ReportError(f"--tags {' '.join(tags)}: no scalar tag matches in these runs")
 
-    out = Path(out) if out else _default_out([Path(p) for p in paths])
-    out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"runs": [], "plots": []}
+    out = out or _default_out(paths)
     for run in runs:
         summary = run_summary(run)
         summary["layers"] = layer_table(run)
@@ -645,23 +569,34 @@ def report(
     print("Final values:")
     print(format_runs_table(result["runs"]))
 
-    plots = [plot_loss(runs, out), plot_grad_norms(runs, out), plot_grad_flow(runs, out)]
-    plots += [plot_histograms(runs, lay, out) for lay in (layers or hist_layers)]
-    plots.append(plot_tags(runs, extra, out))
-    result["plots"] = [str(p) for p in plots if p is not None]
-    (out / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        plots = [plot_loss(runs, out), plot_grad_norms(runs, out), plot_grad_flow(runs, out)]
+        plots += [plot_histograms(runs, lay, out) for lay in (layers or hist_layers)]
+        plots.append(plot_tags(runs, extra, out))
+        result["plots"] = [str(p) for p in plots if p is not None]
+        (out / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    except OSError as error:  # checked writable above; what is left is a full disk or a race
+        raise DataError(
+            f"{error.filename or out}: cannot write: {error.strerror or error}"
+        ) from None
     print(f"\nPlots in {out}: " + ", ".join(Path(p).name for p in result["plots"]))
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status 0: every run reported; 1: a file could not be read or written (the readable
+    runs are still reported); 2: bad arguments, nothing written."""
     args = _parser().parse_args(argv)
     try:
-        report(args.paths, out=args.out, layers=args.layers, tags=args.tags)
+        result = report(args.paths, out=args.out, layers=args.layers, tags=args.tags)
     except ReportError as error:
-        print(f"gradwatch-report: error: {error}", file=sys.stderr)
+        say("error", str(error))
         return 2
-    return 0
+    except DataError as error:
+        say("error", str(error))
+        return 1
+    return 1 if result["errors"] else 0
 
 
 if __name__ == "__main__":
