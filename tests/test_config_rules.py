@@ -25,11 +25,11 @@ from conftest import CONF_DIR, compose_config
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from gradwatch.preflight import check_config
 from gradwatch.validate import (
     COMPONENT_ERRORS,
     RULES,
     ConfigError,
-    check_config,
     check_values,
     component_nodes,
 )

@@ -13,13 +13,9 @@ import pytest
 import torch
 from conftest import ROOT, compose_config
 
+from gradwatch.resume import check_checkpoint, describe_write_error, resolve_checkpoint
 from gradwatch.train import train
-from gradwatch.validate import (
-    ConfigError,
-    check_checkpoint,
-    describe_write_error,
-    resolve_checkpoint,
-)
+from gradwatch.validate import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +130,7 @@ def test_a_tensor_file_is_not_a_lightning_checkpoint(tmp_path):
 
 
 def test_check_config_resolves_ckpt_path(finished_run, tmp_path):
-    from gradwatch.validate import check_config
+    from gradwatch.preflight import check_config
 
     root = tmp_path / "outputs"
     run = copy_run(finished_run, root, "2021-01-01_00-00-00_000000_1")

@@ -18,14 +18,11 @@ import pytest
 import torch
 from conftest import ROOT, compose_config
 
-from gradwatch.validate import (
-    ConfigError,
-    check_config,
-    describe_write_error,
-    writable_problem,
-)
+from gradwatch.preflight import check_config
+from gradwatch.resume import describe_write_error
+from gradwatch.validate import ConfigError, writable_problem
 
-HOOK = "++hydra.callbacks.check_output._target_=gradwatch.validate.CheckOutputBeforeRun"
+HOOK = "++hydra.callbacks.check_before_run._target_=gradwatch.preflight.CheckBeforeRun"
 
 
 def run_train(*overrides: str, root: Path, full_error: bool = False):
@@ -328,7 +325,7 @@ def test_every_problem_is_listed_at_once(check):
     assert message.splitlines() == [
         "3 values cannot run:",
         "  trainer.max_epochs=0 is not allowed: expected an integer >= 1",
-        "  optimizer.lr=-1 is not allowed: expected a number > 0",
+        "  optimizer.lr=-1 is not allowed: expected a number > 0 that float32 holds (<= 3.4e+38)",
         "  callbacks.console: print_every must be an integer >= 0 (0: never), got -1",
     ]
 

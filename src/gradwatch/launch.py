@@ -13,10 +13,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf, read_write
 
-from gradwatch.validate import resolve_checkpoint
+from gradwatch.resume import resolve_checkpoint
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -40,27 +41,49 @@ def run_id() -> str:
 OmegaConf.register_new_resolver("run_id", run_id, use_cache=True, replace=True)
 
 
-def resume_run_dir(args: list[str]) -> list[str]:
-    """`hydra.run.dir=<run>` when the command line resumes a run (`ckpt_path=...`), so the run
-    continues in its own directory instead of a new one; [] otherwise. Bad values are left for
-    Hydra and check_config to report."""
-    ckpt = next((a.split("=", 1)[1] for a in args if a.startswith("ckpt_path=")), None)
-    if ckpt in (None, "null") or any(
+def resume_arguments(args: list[str]) -> list[str]:
+    """What to add to the command line when it resumes a run (`ckpt_path=...`) in its own
+    directory: the overrides that made the run (its `overrides.yaml`), but for keys the command
+    line sets itself, so `make train ckpt_path=<run>` continues the run as it was; and
+    `hydra.run.dir=<run>`, so it continues there instead of in a new directory. [] otherwise.
+    Bad values are left for Hydra and check_config to report."""
+    if not any(a.startswith("ckpt_path=") for a in args) or any(
         a in ("-m", "--multirun") or a.startswith("hydra.") for a in args
     ):
         return []
     overrides = [a for a in args if not a.startswith("-")]
+    parser = OverridesParser.create()
     try:
+        # Hydra's own parser: ckpt_path='outputs/my run/...' is the path without its quotes.
+        given = {o.key_or_group: o for o in parser.parse_overrides(overrides)}
+        if given["ckpt_path"].value() is None:
+            return []
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=overrides)
-        checkpoint = Path(resolve_checkpoint(ckpt, cfg.paths.root, cfg.name))
+        checkpoint = Path(
+            resolve_checkpoint(str(given["ckpt_path"].value()), cfg.paths.root, cfg.name)
+        )
     except Exception:  # noqa: BLE001 - reported properly once Hydra runs the job
         return []
     finally:
         GlobalHydra.instance().clear()
     if checkpoint.parent.name != "checkpoints":
         return []
-    return [f"hydra.run.dir={checkpoint.parent.parent}"]
+    run_dir = checkpoint.parent.parent
+    try:
+        saved = [str(o) for o in OmegaConf.load(run_dir / "overrides.yaml")]
+        saved_keys = [o.key_or_group for o in parser.parse_overrides(saved)]
+    except Exception:  # noqa: BLE001 - no record (an older run): the command line as given
+        saved, saved_keys = [], []
+    # Where the run lives and how it is resumed come from this command line, not the record.
+    own = [
+        override
+        for override, key in zip(saved, saved_keys, strict=True)
+        if key not in given and key != "ckpt_path" and not key.startswith(("paths.", "hydra."))
+    ]
+    # Quoted, so a folder with spaces, quotes or non-ASCII letters is one value to Hydra.
+    quoted = str(run_dir).replace("'", "\\'")
+    return [*own, f"hydra.run.dir='{quoted}'"]
 
 
 @contextmanager

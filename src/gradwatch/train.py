@@ -28,18 +28,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from gradwatch.checkpoints import AtomicCheckpointIO
 from gradwatch.data import InMemoryDataModule
-from gradwatch.launch import CONF_DIR, ddp_processes_for_this_job, resume_run_dir
+from gradwatch.launch import CONF_DIR, ddp_processes_for_this_job, resume_arguments
 from gradwatch.model import MLPModule
 from gradwatch.monitor import GradientAlert, GradientMonitor
 from gradwatch.overhead import NoProfiler, apply_speedups
+from gradwatch.preflight import check_config
 from gradwatch.report import save_grad_flow
+from gradwatch.resume import RunComplete, describe_write_error, merged_overrides
 from gradwatch.summary import RunSummary
 from gradwatch.sweep import FAILED_FILE
-from gradwatch.validate import (
-    ConfigError,
-    check_config,
-    describe_write_error,
-)
+from gradwatch.validate import ConfigError
 
 log = logging.getLogger("gradwatch")
 
@@ -109,12 +107,17 @@ def make_profiler(name: str | None, run_dir: Path) -> Profiler | None:
 
 
 def save_run_config(cfg: DictConfig, run_dir: Path) -> None:
-    """The resolved config and the command-line overrides, at the top of the run directory."""
+    """The resolved config and the command-line overrides, at the top of the run directory.
+    A run resumed in its own directory keeps the overrides that made it, with those the resume
+    changed (trainer.max_epochs=...) put in."""
     run_dir.mkdir(parents=True, exist_ok=True)
     job_keys = [key for key in cfg if key != "hydra"]
     OmegaConf.save(OmegaConf.masked_copy(cfg, job_keys), run_dir / "config.yaml", resolve=True)
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    OmegaConf.save(OmegaConf.create(overrides), run_dir / "overrides.yaml")
+    saved = run_dir / "overrides.yaml"
+    if cfg.get("ckpt_path") is not None and saved.is_file():
+        overrides = merged_overrides(list(OmegaConf.load(saved)), overrides)
+    OmegaConf.save(OmegaConf.create(overrides), saved)
 
 
 def flat_hparams(cfg: DictConfig) -> dict[str, str | int | float | bool]:
@@ -161,6 +164,8 @@ def hydra_main(cfg: DictConfig) -> None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         train(cfg)
+    except RunComplete as complete:  # a sweep's job resumed past its end: nothing to do
+        log.info(str(complete))
     except (ConfigError, OSError) as error:
         # A bad value, a full or read-only disk: the user's to fix. Say which, in a line.
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -186,7 +191,7 @@ def hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """`gradwatch-train` and `python -m gradwatch.train`: Hydra's command line."""
     quiet_known_warnings()
-    sys.argv.extend(resume_run_dir(sys.argv[1:]))
+    sys.argv.extend(resume_arguments(sys.argv[1:]))
     hydra_main()
 
 

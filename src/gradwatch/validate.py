@@ -16,12 +16,9 @@ checked once, by what uses it:
 Every message names the key, the value given and what is allowed.
 """
 
-import errno
 import logging
 import math
-import os
 import re
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +26,6 @@ from typing import Any, get_args
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.experimental.callback import Callback
 from hydra.utils import get_class, instantiate
 from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -43,7 +39,6 @@ from gradwatch.data import DATASET_INFO
 
 log = logging.getLogger("gradwatch")
 
-CHECKPOINT_KEYS = ("state_dict", "global_step", "epoch")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 # Lightning's own lists: what Trainer(strategy=..., precision=...) accepts.
 STRATEGIES = ("auto", *StrategyRegistry.available_strategies())
@@ -52,10 +47,12 @@ PRECISIONS = tuple(value for literal in get_args(_PRECISION_INPUT) for value in 
 LOGGED_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
 # Config nodes that a component builds from (the keys are its constructor's arguments): the
 # component checks them itself. `callbacks.*`: each callback.
-COMPONENTS = ("data", "model", "callbacks.*")
+COMPONENTS = ("data", "model", "callbacks.*", "logger.*")
 # What a component's constructor raises for an argument it refuses (Lightning's callbacks raise
-# MisconfigurationException).
-COMPONENT_ERRORS = (ValueError, TypeError, MisconfigurationException)
+# MisconfigurationException, its loggers ModuleNotFoundError for a missing package).
+COMPONENT_ERRORS = (ValueError, TypeError, MisconfigurationException, ImportError)
+# Every float the optimizer holds is used in float32 arithmetic in its step.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class ConfigError(ValueError):
@@ -86,7 +83,7 @@ def _number(
 
     text = f"a number {'>' if low_open else '>='} {low}"
     if high is not None:
-        text = f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        text = f"a number in {'(' if low_open else '['}{low}, {high:g}{')' if high_open else ']'}"
     return ok, text
 
 
@@ -113,6 +110,12 @@ def _subclass_of(base: type, name: str) -> tuple[Callable[[Any], bool], str]:
     return ok, f"the import path of {name} or of a subclass"
 
 
+def _stays_inside(name: str) -> bool:
+    """A run name keeps the run under paths.root: a relative path that never climbs out."""
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts
+
+
 def _betas(value: Any) -> bool:
     return (
         isinstance(value, list | tuple)
@@ -136,7 +139,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         lambda v: _is_int(v) and min_seed_value <= v <= max_seed_value,
         f"an integer in [{min_seed_value}, {max_seed_value}]",
     ),
-    "name": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    "name": (
+        lambda v: isinstance(v, str) and _stays_inside(v),
+        "a folder name under paths.root (not empty, not absolute, no '..')",
+    ),
+    "paths.root": (lambda v: isinstance(v, str) and v.strip() != "", "a folder path, not empty"),
     "speedups": _bool(),
     # lightning.pytorch.Trainer's arguments (conf/trainer/).
     "trainer._target_": _subclass_of(Trainer, "lightning.pytorch.Trainer"),
@@ -167,9 +174,15 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     # the model's parameters, inside fit; torch checks less (it takes lr=0 and momentum=1).
     "optimizer._target_": _subclass_of(torch.optim.Optimizer, "torch.optim.Optimizer"),
     "optimizer._partial_": (lambda v: v is True, "true (the module calls it with its parameters)"),
-    "optimizer.lr": _number(0, low_open=True),
+    "optimizer.lr": (
+        _number(0, FLOAT32_MAX, low_open=True, high_open=False)[0],
+        f"a number > 0 that float32 holds (<= {FLOAT32_MAX:.3g})",
+    ),
     "optimizer.momentum": _number(0, 1),
-    "optimizer.weight_decay": _number(0),
+    "optimizer.weight_decay": (
+        _number(0, FLOAT32_MAX, high_open=False)[0],
+        f"a number >= 0 that float32 holds (<= {FLOAT32_MAX:.3g})",
+    ),
     "optimizer.alpha": _number(0, 1, high_open=False),
     "optimizer.betas": (_betas, "two numbers in [0, 1), e.g. [0.9,0.999]"),
     # Lightning's EarlyStopping (conf/callbacks/early_stopping.yaml) checks only its `mode`
@@ -254,9 +267,37 @@ def build_component(key: str, node: DictConfig) -> Any:
     random state."""
     if key == "model":
         with torch.random.fork_rng(devices=[]):
-            # The optimizer is the module's to keep, not to check: RULES checks it.
+            # The optimizer is the module's to keep, not to check: see check_optimizer_steps.
             return instantiate(node, _recursive_=False)
     return instantiate(node)
+
+
+def build_optimizer(node: DictConfig) -> torch.optim.Optimizer:
+    """The optimizer that `node` configures, built on a throwaway parameter and stepped once,
+    as training will (torch checks some arguments only when the optimizer is built, and some
+    only in its step). Raises what torch raises, a failed step as ValueError."""
+    parameter = torch.zeros(2, requires_grad=True)
+    optimizer = instantiate(node)([parameter])
+    parameter.grad = torch.ones(2)
+    try:
+        optimizer.step()
+    except RuntimeError as error:  # e.g. a setting that overflows float32 in the step
+        raise ValueError(f"{node._target_} cannot step with these settings: {error}") from error
+    return optimizer
+
+
+def check_optimizer_steps(cfg: DictConfig) -> None:
+    """The optimizer's values have passed RULES; torch has the last word on their combination
+    (nesterov without momentum) and on keys RULES does not know (+optimizer.foo=1)."""
+    try:
+        build_optimizer(cfg.optimizer)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if not isinstance(cause, COMPONENT_ERRORS):
+            raise
+        raise ConfigError(f"optimizer: {_one_line(str(cause))}") from error
+    except COMPONENT_ERRORS as error:
+        raise ConfigError(f"optimizer: {_one_line(str(error))}") from error
 
 
 def component_problem(key: str, node: DictConfig) -> str | None:
@@ -302,22 +343,6 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError(problems[0])
     if problems:
         raise ConfigError(f"{len(problems)} values cannot run:\n  " + "\n  ".join(problems))
-
-
-def check_config(cfg: DictConfig) -> str | None:
-    """Raise ConfigError for values in `cfg` that cannot run; return the checkpoint to resume
-    from (`ckpt_path` resolved by :func:`resolve_checkpoint`), or None to start fresh.
-
-    Order: every value (all problems at once: :func:`check_values`), then the network against
-    the dataset and early stopping against validation, then the machine (GPU, writable
-    folders), then the checkpoint.
-    """
-    check_values(cfg)
-    check_model_fits_data(cfg)
-    check_early_stopping_has_its_metric(cfg)
-    check_accelerator(cfg)
-    check_writable_outputs(cfg)
-    return resolve_checkpoint(cfg.get("ckpt_path"), cfg.paths.root, cfg.name)
 
 
 def check_model_fits_data(cfg: DictConfig) -> None:
@@ -433,129 +458,3 @@ def check_writable_outputs(cfg: DictConfig) -> None:
         problem = writable_problem(path)
         if problem:
             raise ConfigError(f"{key}={path} cannot be written: {problem}")
-
-
-def resolve_checkpoint(ckpt_path: str | None, runs_root: str | Path, name: str) -> str | None:
-    """The checkpoint file that `ckpt_path` names, checked to be a loadable Lightning checkpoint.
-
-    Args:
-        ckpt_path: None (start fresh), `last` (the run under `<runs_root>/<name>/` whose
-            `checkpoints/last.ckpt` was written most recently), a run directory (its
-            `checkpoints/last.ckpt`) or a checkpoint file.
-        runs_root: where run directories live (`paths.root`).
-        name: the run name (`name`), the folder under `runs_root` that `last` searches.
-
-    Raises:
-        ConfigError: if there is no such file, or it is corrupted, truncated, not a Lightning
-            checkpoint, or needs unsafe (pickle) loading.
-    """
-    if ckpt_path is None:
-        return None
-    ckpt_path = str(ckpt_path)
-    if ckpt_path == "last":
-        runs = Path(runs_root) / name
-        candidates = list(runs.glob("*/checkpoints/last.ckpt")) if runs.is_dir() else []
-        if not candidates:
-            raise ConfigError(
-                f"ckpt_path=last but no run under {runs} has checkpoints/last.ckpt: "
-                "give a checkpoint file or run directory, or ckpt_path=null to start fresh"
-            )
-        path = max(candidates, key=lambda p: (p.stat().st_mtime, str(p)))
-    else:
-        path = Path(ckpt_path)
-        if path.is_dir():
-            path = path / "checkpoints" / "last.ckpt"
-            if not path.is_file():
-                raise ConfigError(
-                    f"ckpt_path={ckpt_path} is a folder without checkpoints/last.ckpt: "
-                    "give a run directory, a .ckpt file or `last`"
-                )
-        elif not path.is_file():
-            raise ConfigError(
-                f"ckpt_path={ckpt_path} does not exist: give a .ckpt file, a run directory "
-                "or `last` (the newest run of this name)"
-            )
-    check_checkpoint(path, key=f"ckpt_path={ckpt_path}")
-    return str(path)
-
-
-def check_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
-    """Load `path` with torch's safe loading and check it is a Lightning checkpoint; return it."""
-    where = f"{key}" if key.endswith(str(path)) else f"{key} ({path})"
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any failure inside torch means an unusable file
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        if unsafe:
-            raise ConfigError(
-                f"{where} holds a pickled Python object ({unsafe.group(1)}) that safe loading "
-                "(torch.load(weights_only=True)) refuses: load only checkpoints gradwatch wrote"
-            ) from error
-        # torch's messages run to a dozen lines about weights_only: keep the unpickler's
-        # complaint (garbage) or the first line (a broken zip archive).
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
-        reason = detail.group(1) if detail else (str(error).strip() or type(error).__name__)
-        raise ConfigError(
-            f"{where} is corrupted, truncated or not a checkpoint "
-            f"(torch.load: {reason.splitlines()[0].strip().split('. ')[0]})"
-        ) from error
-    missing = [
-        k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint
-    ]
-    if missing:
-        raise ConfigError(f"{where} is not a Lightning checkpoint: it lacks {', '.join(missing)}")
-    return checkpoint
-
-
-def describe_write_error(error: OSError, run_dir: str | Path) -> str:
-    """One line for a write that failed during training (disk full, read-only folder): which
-    file, why, and whether the run's last checkpoint is still whole to resume from."""
-    where = error.filename or run_dir
-    message = f"cannot write {where}: {error.strerror or error}"
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        message += " (the disk is full)"
-    elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        message += " (the folder is read-only)"
-    last = Path(run_dir) / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        try:
-            step = check_checkpoint(last)["global_step"]
-        except ConfigError:
-            return message + f". {last} is damaged: resume from an earlier run"
-        return message + f". {last} (step {step}) is whole: resume with ckpt_path={run_dir}"
-    return message + ". No checkpoint was written before: the run cannot be resumed"
-
-
-class CheckOutputBeforeRun(Callback):
-    """A Hydra callback: report an unwritable output folder before Hydra creates the run
-    directory (Hydra's own mkdir failure prints a traceback).
-
-    Register it in `conf/config.yaml`:
-
-        hydra:
-          callbacks:
-            check_output:
-              _target_: gradwatch.validate.CheckOutputBeforeRun
-    """
-
-    def _check(self, config: DictConfig, dir_key: str) -> None:
-        try:
-            path = OmegaConf.select(config, dir_key)
-        except OmegaConfBaseException:
-            path = OmegaConf.select(config, "paths.root", default=None)
-        problem = writable_problem(path) if path is not None else None
-        if problem is None:
-            return
-        error = ConfigError(f"paths.root={config.paths.root} cannot be written: {problem}")
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise error
-        # Hydra has not set up logging yet: a plain line on stderr, and Hydra's exit code for
-        # config errors it finds itself.
-        print(f"Error in config: {error}", file=sys.stderr)
-        sys.exit(2)
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config, "hydra.run.dir")
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check(config, "hydra.sweep.dir")
