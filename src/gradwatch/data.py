@@ -8,6 +8,7 @@ sit on the training device: no Dataset, no per-sample collation, no host-to-devi
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -79,6 +80,10 @@ class TensorBatches:
 
     Under data parallelism each process takes every `world_size`-th row of each batch, so the
     processes together see exactly the batch a single process would.
+
+    Resumable (Lightning's stateful-iterable protocol, `state_dict` / `load_state_dict`): the
+    state is where the data order stands, so a resumed run takes the batches an uninterrupted run
+    would have, mid-epoch included. Every process holds the same state (same seed, same order).
     """
 
     def __init__(
@@ -99,22 +104,48 @@ class TensorBatches:
         # Asked every epoch: worked out once.
         self._len = math.ceil(len(x) / self.batch_size)
         self._one_batch = self.batch_size >= len(x) and world_size == 1
+        # The current epoch: the generator before it drew the epoch's order, the batches taken.
+        self._epoch_start = self.generator.get_state()
+        self._taken = 0
+        self._skip = 0  # batches of the next epoch already taken before a resume
 
     def __len__(self) -> int:
         return self._len
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         if self._one_batch:
-            # The tutorial's case: one full batch, the very same tensors every epoch.
+            # The tutorial's case: one full batch, the very same tensors every epoch. Nothing to
+            # resume: there is no order and no position within the epoch.
             yield self.x, self.y
             return
         x, y = self.x, self.y
         if self.shuffle:
+            self._epoch_start = self.generator.get_state()
             order = torch.randperm(len(x), generator=self.generator).to(x.device)
             x, y = x[order], y[order]
-        for start in range(0, len(x), self.batch_size):
+        self._taken, self._skip = self._skip, 0
+        for start in range(self._taken * self.batch_size, len(x), self.batch_size):
             rows = slice(start + self.rank, start + self.batch_size, self.world_size)
+            # Counted before the batch is handed over: Lightning asks for the state after the
+            # step (it fetches no batch ahead of a loader with a length).
+            self._taken += 1
             yield x[rows], y[rows]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the data order stands: the generator to draw the epoch's order from, and how
+        many of that epoch's batches were taken."""
+        if self._skip:  # loaded, not iterated since: as loaded
+            return {"generator": self.generator.get_state(), "taken": self._skip}
+        if 0 < self._taken < self._len:
+            # Mid-epoch: the order is drawn again from the epoch's start, the batches taken skipped.
+            return {"generator": self._epoch_start, "taken": self._taken}
+        # Between epochs (or before the first batch of one): the next order is the generator's.
+        return {"generator": self.generator.get_state(), "taken": 0}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state` (:meth:`state_dict`) at the next `iter()`."""
+        self.generator.set_state(state["generator"])
+        self._skip = state["taken"]
 
 
 def _is_int(value: object) -> bool:
@@ -192,6 +223,8 @@ class InMemoryDataModule(pl.LightningDataModule):
             order = torch.arange(len(x))
         self.train_x, self.train_y = x[order[n_val:]], y[order[n_val:]]
         self.val_x, self.val_y = x[order[:n_val]], y[order[:n_val]]
+        self._train_batches: TensorBatches | None = None
+        self._train_state: dict[str, Any] | None = None  # from a checkpoint, for the next loader
 
     def _batches(self, x: Tensor, y: Tensor, shuffle: bool) -> TensorBatches:
         # Move the whole set to the training device once; every batch is then a view of it.
@@ -204,10 +237,27 @@ class InMemoryDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> TensorBatches:
-        return self._batches(self.train_x, self.train_y, shuffle=True)
+        batches = self._batches(self.train_x, self.train_y, shuffle=True)
+        if self._train_state is not None:
+            batches.load_state_dict(self._train_state)
+            self._train_state = None
+        self._train_batches = batches
+        return batches
 
     def val_dataloader(self) -> TensorBatches | list:
         # An empty list tells Lightning there is no validation (xor).
         if not len(self.val_x):
             return []
         return self._batches(self.val_x, self.val_y, shuffle=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        # Lightning also saves the training loader's state, but gives it back only to a run
+        # resumed within an epoch; a checkpoint saved once an epoch is over (the end of a run,
+        # trained further) gets its data order back from here. Mid-epoch both load the same state.
+        if self._train_batches is None:
+            return {}
+        return {"train_batches": self._train_batches.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning calls this before it asks for the training loader.
+        self._train_state = state_dict.get("train_batches")
