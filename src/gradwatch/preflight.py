@@ -60,7 +60,8 @@ def check_config(cfg: DictConfig) -> str | None:
 
     Order: sizes that would not fit in memory (before anything is built), every value (all
     problems at once), the optimizer built and stepped, the network against the dataset and
-    early stopping against validation, then the machine (GPU, nodes, the Trainer, writable folders), then the checkpoint.
+    early stopping against validation, then the machine (GPU, nodes, the Trainer, writable
+    folders), then the checkpoint.
     """
     check_fits_in_memory(cfg)
     check_values(cfg)

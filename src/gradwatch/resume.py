@@ -328,8 +328,7 @@ def merged_overrides(saved: list[str], resumed: list[str]) -> list[str]:
 def describe_write_error(error: OSError, run_dir: str | Path) -> str:
     """One line for a write that failed during training (disk full, read-only folder): which
     file, why, and whether the run's last checkpoint is still whole to resume from."""
-    where = error.filename or run_dir
-    message = f"cannot write {where}: {error.strerror or error}"
+    message = f"cannot write {failed_file(error) or run_dir}: {error.strerror or error}"
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         message += " (the disk is full)"
     elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
@@ -342,6 +341,22 @@ def describe_write_error(error: OSError, run_dir: str | Path) -> str:
             return message + f". {last} is damaged: resume from an earlier run"
         return message + f". {last} (step {step}) is whole: resume with ckpt_path={run_dir}"
     return message + ". No checkpoint was written before: the run cannot be resumed"
+
+
+def failed_file(error: OSError) -> str | None:
+    """The file a failed write was writing. A write to an open file (TensorBoard's event file,
+    from its writer thread) raises without a filename: the deepest frame of the traceback that
+    holds one, as `filename` or `path`, names it."""
+    if error.filename:
+        return str(error.filename)
+    found, tb = None, error.__traceback__
+    while tb is not None:
+        for name in ("filename", "path"):
+            value = tb.tb_frame.f_locals.get(name)
+            if isinstance(value, str | bytes | os.PathLike):
+                found = os.fsdecode(value)
+        tb = tb.tb_next
+    return found
 
 
 class RunLock:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -25,6 +26,7 @@ from lightning.pytorch.profilers import (
     SimpleProfiler,
 )
 from omegaconf import DictConfig, OmegaConf
+from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
 
 from gradwatch.checkpoints import AtomicCheckpointIO
 from gradwatch.data import InMemoryDataModule
@@ -64,6 +66,21 @@ def quiet_known_warnings() -> None:
             python_showwarning(message, category, filename, lineno, file, line)
 
     warnings.showwarning = show_alerts_as_log_lines
+
+
+def quiet_writer_thread_errors() -> None:
+    """A write that fails in TensorBoard's writer thread (a full disk) is raised again in the
+    training thread at its next write, and reported there in a line: the thread's own traceback
+    would only bury that line. Process-wide, so only `main` calls it."""
+    python_excepthook = threading.excepthook
+
+    def excepthook(args: threading.ExceptHookArgs) -> None:
+        if not (
+            isinstance(args.exc_value, OSError) and isinstance(args.thread, _AsyncWriterThread)
+        ):
+            python_excepthook(args)
+
+    threading.excepthook = excepthook
 
 
 def build_trainer(
@@ -191,6 +208,7 @@ def hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """`gradwatch-train` and `python -m gradwatch.train`: Hydra's command line."""
     quiet_known_warnings()
+    quiet_writer_thread_errors()
     sys.argv.extend(resume_arguments(sys.argv[1:]))
     hydra_main()
 
