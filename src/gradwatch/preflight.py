@@ -58,11 +58,12 @@ def check_config(cfg: DictConfig) -> str | None:
     """Raise ConfigError for what in `cfg` cannot run, RunComplete for a resume with nothing left
     to train; return the checkpoint to resume from, or None to start fresh.
 
-    Order: sizes that would not fit in memory (before anything is built), every value (all
-    problems at once), the optimizer built and stepped, the network against the dataset and
-    early stopping against validation, then the machine (GPU, nodes, the Trainer, writable
-    folders), then the checkpoint.
+    Order: values that do not resolve, sizes that would not fit in memory (before anything is
+    built), every value (all problems at once), the optimizer built and stepped, the network
+    against the dataset and early stopping against validation, then the machine (GPU, nodes,
+    the Trainer, writable folders), then the checkpoint.
     """
+    check_resolves(cfg)
     check_fits_in_memory(cfg)
     check_values(cfg)
     check_optimizer_steps(cfg)
@@ -181,20 +182,27 @@ def job_config(config: DictConfig, run_dir: str | Path) -> DictConfig:
     return job
 
 
-def unresolvable(config: DictConfig, dir_key: str) -> str | None:
-    """What keeps a value or the run's folder (`dir_key`) from resolving, in a line naming the
-    key (name='${name}': recursive); None when everything resolves."""
-    job = job_config(config, "<run dir>")
+def check_resolves(cfg: DictConfig) -> None:
+    """Every value of the job (Hydra's own are Hydra's) must resolve: name='${name}' is
+    recursive, ${oc.env:X} needs X set."""
+    job = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
     for key, value in leaves(OmegaConf.to_container(job, resolve=False)).items():
         try:
-            OmegaConf.select(job, key, throw_on_missing=True)
+            OmegaConf.select(cfg, key, throw_on_missing=True)
         except OmegaConfBaseException as error:
-            return f"{key}={value!r} cannot be resolved: {str(error).splitlines()[0]}"
+            first_line = str(error).splitlines()[0]
+            raise ConfigError(f"{key}={value!r} cannot be resolved: {first_line}") from error
+
+
+def check_run_folder_resolves(config: DictConfig, dir_key: str) -> None:
+    """The values, then the run's folder (`dir_key`: hydra.run.dir, hydra.sweep.dir), must
+    resolve: the values first, so name='${name}' is reported at `name`."""
+    check_resolves(job_config(config, "<run dir>"))
     try:
         OmegaConf.select(config, dir_key, throw_on_missing=True)
     except OmegaConfBaseException as error:
-        return f"{dir_key} cannot be resolved: {str(error).splitlines()[0]}"
-    return None
+        first_line = str(error).splitlines()[0]
+        raise ConfigError(f"{dir_key} cannot be resolved: {first_line}") from error
 
 
 def _is_first_process() -> bool:
@@ -224,9 +232,10 @@ class CheckBeforeRun(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        problem = unresolvable(config, "hydra.run.dir")
-        if problem:
-            _refuse(f"Error in config: {problem}", 2)
+        try:
+            check_run_folder_resolves(config, "hydra.run.dir")
+        except ConfigError as error:
+            _refuse(f"Error in config: {error}", 2)
         run_dir = Path(config.hydra.run.dir).absolute()
         lock = RunLock(run_dir) if _is_first_process() else None
         resuming = run_dir.is_dir()
@@ -248,9 +257,10 @@ class CheckBeforeRun(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Each job is checked when it runs (a refused job is recorded, the others go on).
-        problem = unresolvable(config, "hydra.sweep.dir")
-        if problem:
-            _refuse(f"Error in config: {problem}", 2)
+        try:
+            check_run_folder_resolves(config, "hydra.sweep.dir")
+        except ConfigError as error:
+            _refuse(f"Error in config: {error}", 2)
         root = config.paths.root
         root_problem = writable_problem(root)
         if root_problem:
