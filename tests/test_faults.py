@@ -199,3 +199,39 @@ def test_describe_write_error_with_a_damaged_checkpoint(tmp_path):
     error = OSError(errno.EROFS, "Read-only file system", str(tmp_path / "x"))
     message = describe_write_error(error, tmp_path)
     assert "(the folder is read-only)" in message and "is damaged" in message
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 60 KiB filesystem (tmpfs), where a run fills the disk within its first second."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=60k", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_is_one_line_naming_the_file(small_disk):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    done = subprocess.run(
+        [sys.executable, "-m", "gradwatch.train", f"paths.root={small_disk}", "print_every=0"]
+        + ["trainer.max_epochs=3000", "callbacks.checkpoint.every_n_train_steps=500"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 3, out
+    # Not TensorBoard's writer thread's traceback: one line, naming the event file.
+    assert "Traceback" not in out and "Exception in thread" not in out, out
+    (run_dir,) = (small_disk / "xor").iterdir()
+    (event_file,) = run_dir.glob("events.out.tfevents.*")
+    assert f"Error writing the run: cannot write {event_file}: No space left on device" in out
+    assert f"(step 500) is whole: resume with ckpt_path={run_dir}" in out
+    assert check_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 500
