@@ -113,3 +113,27 @@ def test_ddp_stops_on_nonfinite_gradients_without_hanging(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["alerts/exploding"] == 1 and metrics["alerts/nonfinite"] == 1
     assert metrics["steps"] < 100
+
+
+@pytest.mark.slow
+def test_ddp_raises_the_single_process_alerts_quoting_the_logged_loss(tmp_path, make_cfg):
+    """The tutorial's run stalls at step 599. Under DDP each process's loss is its half-batch's;
+    the alerts use the processes' mean, the `train/loss` that is logged, so they fire at the same
+    steps as in one process and quote the same loss."""
+    args = ["trainer.max_epochs=1000", "print_every=0"]
+    root, output = run_cli([*args, *DDP], tmp_path)
+    (run_dir,) = (root / "xor").iterdir()
+    ddp_alerts = json.loads((run_dir / "gradients.json").read_text())["alerts"]
+    cfg = make_cfg(*args)
+    train(cfg)
+    single_alerts = json.loads(Path(cfg.paths.output_dir, "gradients.json").read_text())["alerts"]
+    assert [(alert["step"], alert["kind"]) for alert in ddp_alerts] == [(599, "stall")]
+    assert ddp_alerts == single_alerts
+    # Rank zero alone prints it.
+    assert output.count("ALERT GradientMonitor:") == 1
+    assert f"ALERT GradientMonitor: {ddp_alerts[0]['message']}" in output
+    # The quoted loss is the logged one: its mean over the 10 logged steps of the stall.
+    logged = dict(read_scalars(run_dir)["train/loss"])
+    window = [logged[step] for step in range(149, 600, 50)]
+    quoted = f"the loss has stayed at {sum(window) / len(window):.4g} for 10 logged steps"
+    assert quoted in ddp_alerts[0]["message"]

@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,11 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
 log = logging.getLogger("gradwatch")
+
+# Under several processes, about how often (in seconds of training) the ranks agree on a stop:
+# a collective at every step costs as much as a small network's step, and a signal must still be
+# acted on well within a scheduler's grace period before SIGKILL.
+AGREE_EVERY_SECONDS = 0.5
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -38,8 +44,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class RunCheckpoint(Callback):
     """`last.ckpt` every `every_n_train_steps` optimizer steps, at the end of training, and when
     the run is interrupted (SIGINT or SIGTERM). The interruption is taken at the next step
-    boundary, so the checkpoint is consistent and resuming from it is exact. Weights that are
-    no longer finite (a diverged run) are never saved: `last.ckpt` keeps the last good state.
+    boundary, so the checkpoint is consistent and resuming from it is exact; under several
+    processes, at the first step boundary where the ranks agree on it (about every
+    AGREE_EVERY_SECONDS), whichever rank received it. Weights that are no longer finite (a
+    diverged run) are never saved: `last.ckpt` keeps the last good state.
 
     Args:
         dirpath: where `last.ckpt` goes (the run directory's `checkpoints/`).
@@ -66,6 +74,11 @@ class RunCheckpoint(Callback):
         self.every_n_train_steps = every_n_train_steps
         self.stop_signal: int | None = None
         self._stopping = False  # saved after a stop signal: stop at the next hook
+        # Several processes: they agree on a stop every `_agree_every` batches (the same on every
+        # rank), counted down in `_batches_to_agree`.
+        self._agree = False
+        self._agree_every = self._batches_to_agree = 1
+        self._agreed_at = 0.0
         self._saved_step = -1
         self._previous_handlers: dict[int, Any] = {}
 
@@ -88,16 +101,41 @@ class RunCheckpoint(Callback):
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._saved_step = trainer.global_step  # a resumed run starts from a saved step
-        # Under several processes Lightning's own handling applies: a flag set in one process
-        # at one step and in another at the next would deadlock a collective.
-        if trainer.world_size == 1:
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
+        # Under several processes a signal may reach one rank (SIGTERM to the launching process)
+        # or each at a different step (Ctrl-C): the ranks agree on it at a step boundary, so they
+        # all save and stop at the same step and no collective is left waiting. These handlers
+        # replace Lightning's SIGTERM handler, whose collective inside the handler and stops
+        # taken by each rank alone can leave the ranks in different collectives.
+        self._agree = trainer.world_size > 1
+        self._agree_every = self._batches_to_agree = 1
+        self._agreed_at = time.monotonic()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[signum] = signal.signal(signum, self._request_stop)
 
     def _request_stop(self, signum: int, frame: Any) -> None:
+        # Only a flag: a handler runs between any two bytecodes, where a save or a collective
+        # is not safe.
         if self.stop_signal is not None:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.stop_signal = signum
+
+    def _signal_on_any_rank(self, trainer: "pl.Trainer") -> int | None:
+        """The signal any rank received (the largest number), the same on every rank; None
+        between the batches where the ranks agree. Each agreement sets when the next is: every
+        rank proposes the batches of about AGREE_EVERY_SECONDS at its pace, the fewest win."""
+        self._batches_to_agree -= 1
+        if self._batches_to_agree > 0:
+            return None
+        per_batch = max(time.monotonic() - self._agreed_at, 1e-6) / self._agree_every
+        proposal = max(1, int(AGREE_EVERY_SECONDS / per_batch))
+        values = torch.tensor(
+            [self.stop_signal or 0, -proposal], device=trainer.strategy.root_device
+        )
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+        signum, fewest = values.tolist()
+        self._agree_every = self._batches_to_agree = -fewest
+        self._agreed_at = time.monotonic()
+        return signum or None
 
     @override
     def on_train_batch_end(
@@ -108,10 +146,14 @@ class RunCheckpoint(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self.stop_signal is not None and not self._stopping:
-            self.save(trainer, pl_module)
-            name = signal.Signals(self.stop_signal).name
-            log.info(f"{name} received: saved {self.last_path} at step {self._saved_step}.")
+        if self._stopping:
+            return
+        stop_signal = self._signal_on_any_rank(trainer) if self._agree else self.stop_signal
+        if stop_signal is not None:
+            self.save(trainer, pl_module)  # every rank: a checkpoint save is a collective
+            if trainer.is_global_zero:
+                name = signal.Signals(stop_signal).name
+                log.info(f"{name} received: saved {self.last_path} at step {self._saved_step}.")
             # Stop at the next hook, once Lightning has written this step's `self.log` values
             # (it does so after every on_train_batch_end): the resumed run starts after them.
             self._stopping = True

@@ -72,7 +72,8 @@ class GradientMonitor(Callback):
     Cost: on other steps the monitor does nothing (with ``on_nonfinite="stop"``, one on-device
     finiteness check per step, never read back until the next logging step). On a logging step all
     scalars are moved to the host in one transfer; a histogram step adds a second transfer for the
-    histogram counts.
+    histogram counts. Under data parallelism a logging step also all-reduces the loss, so that
+    every rank's alerts use the loss that is logged (the mean over the processes).
 
     Args:
         log_every_n_steps: write scalars every this many optimizer steps. ``None``: the Trainer's
@@ -312,8 +313,8 @@ class GradientMonitor(Callback):
         clipped = bool(trainer.gradient_clip_val) and bool(grads)
         if clipped:
             parts.append(stats.total_norm(grads))
-        if loss is not None:
-            parts.append(loss.detach().reshape(1))
+        if loss is not None and self._write_scalars:
+            parts.append(self._logged_loss(trainer, loss))
         first_bad = self._first_bad_step
         if first_bad is not None:
             parts.append(first_bad.reshape(1).to(stats.exact_dtype(first_bad.device)))
@@ -328,7 +329,7 @@ class GradientMonitor(Callback):
         measured = [(m.optimizer_index, stats.read(m, host)) for m in pending]
         scale = next((v.scale for _, v in measured if v.scale != 1.0), 1.0)
         clipped_total = next(host)[0] / scale if clipped else None
-        loss_value = next(host)[0] if loss is not None else None
+        loss_value = next(host)[0] if loss is not None and self._write_scalars else None
         bad_step = next(host)[0] if first_bad is not None else -1.0
         every_stepped = len(trainer.optimizers) <= 1 or len({i for i, _ in measured}) == len(
             trainer.optimizers
@@ -360,8 +361,9 @@ class GradientMonitor(Callback):
         else:
             alerts = []
         if not trainer.is_global_zero:
-            # Other ranks hold the same all-reduced gradients: they keep the same alert state (so
-            # `should_stop` agrees on every rank without a collective) but write nothing.
+            # Other ranks hold the same all-reduced gradients and loss: they keep the same alert
+            # state (so `should_stop` agrees on every rank without a collective of its own) but
+            # write nothing.
             return
         for alert in alerts:
             rank_zero_warn(f"GradientMonitor: {alert.message}", category=GradientAlert)
@@ -373,6 +375,23 @@ class GradientMonitor(Callback):
             jobs = self._histogram_jobs(pending, measured)
             hists = histograms.histograms(jobs, host, self.bins)
             writers.write_histograms(self._tb, hists, self._step)
+
+    @staticmethod
+    def _logged_loss(trainer: "pl.Trainer", loss: Tensor) -> Tensor:
+        """The step's loss as ``self.log(..., sync_dist=True)`` logs it: under data parallelism
+        the mean of the ranks' losses (one small all-reduce, on logging steps only), so every
+        rank's alerts quote the logged loss and fire at the single-process run's steps. Like
+        DDP's gradient average, the mean does not weight the ranks by their shares of the batch.
+        """
+        loss = loss.detach().reshape(1)
+        if trainer.world_size == 1:
+            return loss
+        # A copy (all_reduce is in place; the step's output is the module's), in float32 or
+        # float64 as Lightning reduces logged values.
+        dtype = loss.dtype if loss.dtype in (torch.float32, torch.float64) else torch.float32
+        loss = loss.to(dtype, copy=True)
+        torch.distributed.all_reduce(loss)
+        return loss.div_(trainer.world_size)
 
     def _histogram_jobs(
         self, pending: list[Measurement], measured: list[tuple[int, stats.HostValues]]

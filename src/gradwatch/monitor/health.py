@@ -36,7 +36,8 @@ class Observation:
             different steps, one per optimizer that stepped (``"total_optimizer1"``).
         nonfinite: per layer, how many gradient values are NaN or Inf.
         update_ratios: per layer, the norm of the step's change over the weights' norm.
-        loss: the step's training loss, if known.
+        loss: the step's training loss, if known; under data parallelism the mean over the
+            processes, as ``train/loss`` is logged.
         first_bad_step: with ``on_nonfinite="stop"``, the first step since the last logging step
             whose gradients held NaN or Inf.
         overflow_expected: a GradScaler is in use: Inf gradients with a finite loss are its
