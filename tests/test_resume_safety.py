@@ -389,3 +389,21 @@ def test_a_run_named_with_spaces_and_accents_resumes_in_its_folder(tmp_path):
     assert list((root / name).iterdir()) == [run_dir]
     final = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert final["global_step"] == 60
+
+
+def test_a_run_resumed_twice_matches_one_run_of_that_length(tmp_path):
+    # Each part ends on an epoch's last batch, where the periodic checkpoint falls: Lightning's
+    # loops resumed from a checkpoint taken there, before the epoch closed, miscount the epochs
+    # that follow, and the second resume trained a step too many.
+    base = ["print_every=0", "callbacks.checkpoint.every_n_train_steps=10"]
+    parts = tmp_path / "parts"
+    train(compose_config([*base, "trainer.max_epochs=50"], parts))
+    for epochs in (100, 150):
+        train(compose_config([*base, f"trainer.max_epochs={epochs}", f"ckpt_path={parts}"], parts))
+    whole = tmp_path / "whole"
+    train(compose_config([*base, "trainer.max_epochs=150"], whole))
+    resumed = torch.load(parts / "checkpoints" / "last.ckpt", weights_only=True)
+    expected = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == expected["global_step"] == 150
+    for name, value in expected["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name

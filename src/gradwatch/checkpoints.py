@@ -74,6 +74,8 @@ class RunCheckpoint(Callback):
         self.every_n_train_steps = every_n_train_steps
         self.stop_signal: int | None = None
         self._stopping = False  # saved after a stop signal: stop at the next hook
+        self._stopped_by = signal.SIGTERM  # the signal, on whichever rank it arrived
+        self._save_at_epoch_end = False  # a save due after an epoch's last batch: see _save
         # Several processes: they agree on a stop every `_agree_every` batches (the same on every
         # rank), counted down in `_batches_to_agree`.
         self._agree = False
@@ -150,16 +152,31 @@ class RunCheckpoint(Callback):
             return
         stop_signal = self._signal_on_any_rank(trainer) if self._agree else self.stop_signal
         if stop_signal is not None:
-            self.save(trainer, pl_module)  # every rank: a checkpoint save is a collective
-            if trainer.is_global_zero:
-                name = signal.Signals(stop_signal).name
-                log.info(f"{name} received: saved {self.last_path} at step {self._saved_step}.")
             # Stop at the next hook, once Lightning has written this step's `self.log` values
             # (it does so after every on_train_batch_end): the resumed run starts after them.
-            self._stopping = True
+            self._stopping, self._stopped_by = True, stop_signal
+            self._save_at_step_boundary(trainer, pl_module)
             return
         if trainer.global_step % self.every_n_train_steps == 0:
-            self.save(trainer, pl_module)
+            self._save_at_step_boundary(trainer, pl_module)
+
+    def _save_at_step_boundary(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule"
+    ) -> None:
+        """Save now, or, after an epoch's last batch, at the epoch's end, once Lightning has
+        counted the epoch as processed. Lightning's loops, resumed from a checkpoint taken
+        between an epoch's last batch and that count, miscount the epochs that follow: the run
+        resumed again from one of its checkpoints would train a step too many."""
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._save_at_epoch_end = True
+        else:
+            self._save_and_report(trainer, pl_module)
+
+    def _save_and_report(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.save(trainer, pl_module)  # every rank: a checkpoint save is a collective
+        if self._stopping and trainer.is_global_zero:
+            name = signal.Signals(self._stopped_by).name
+            log.info(f"{name} received: saved {self.last_path} at step {self._saved_step}.")
 
     @override
     def on_train_batch_start(self, trainer: "pl.Trainer", *args: Any) -> None:
@@ -171,10 +188,13 @@ class RunCheckpoint(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._save_at_epoch_end:
+            self._save_at_epoch_end = False
+            self._save_and_report(trainer, pl_module)
         self._stop_if_asked()
 
     def _stop_if_asked(self) -> None:
-        if self._stopping:
+        if self._stopping and not self._save_at_epoch_end:
             # Lightning's interrupt path: callbacks' on_exception, loggers flushed, exit 1.
             raise KeyboardInterrupt
 
