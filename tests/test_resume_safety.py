@@ -16,7 +16,14 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gradwatch.preflight import check_config, check_fits_in_memory
-from gradwatch.resume import RunInUse, RunLock, check_checkpoint, epochs_done, merged_overrides
+from gradwatch.resume import (
+    RunComplete,
+    RunInUse,
+    RunLock,
+    check_checkpoint,
+    epochs_done,
+    merged_overrides,
+)
 from gradwatch.train import train
 from gradwatch.validate import ConfigError
 
@@ -407,3 +414,25 @@ def test_a_run_resumed_twice_matches_one_run_of_that_length(tmp_path):
     assert resumed["global_step"] == expected["global_step"] == 150
     for name, value in expected["state_dict"].items():
         assert torch.equal(resumed["state_dict"][name], value), name
+
+
+def test_a_run_ended_by_early_stopping_or_max_steps_is_complete(copy_of):
+    root, run_dir = copy_of
+    path = run_dir / "checkpoints" / "last.ckpt"
+    longer = [f"ckpt_path={run_dir}", f"paths.root={root}", *RUN[1:]]
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["callbacks"]["EarlyStopping{'monitor': 'train/loss', 'mode': 'min'}"] = {
+        "stopped_epoch": 59,
+        "wait_count": 5,
+    }
+    torch.save(checkpoint, path)
+    cfg = compose_config([*longer, "trainer.max_epochs=100"], run_dir)
+    with pytest.raises(RunComplete, match="ended by early stopping.*start a new run"):
+        check_config(cfg)
+    del checkpoint["callbacks"]["EarlyStopping{'monitor': 'train/loss', 'mode': 'min'}"]
+    torch.save(checkpoint, path)
+    cfg = compose_config([*longer, "trainer.max_epochs=100", "+trainer.max_steps=60"], run_dir)
+    with pytest.raises(RunComplete, match=r"trainer.max_steps=60\): .* trainer.max_steps=120"):
+        check_config(cfg)
+    cfg = compose_config([*longer, "trainer.max_epochs=100", "+trainer.max_steps=80"], run_dir)
+    assert check_config(cfg) == str(path)

@@ -26,6 +26,7 @@ CHECKPOINT_KEYS = ("state_dict", "global_step", "epoch")
 # change the run's math half-way while config.yaml claims one setting for all of it.
 MAY_CHANGE_ON_RESUME = (
     "trainer.max_epochs",
+    "trainer.max_steps",
     "print_every",
     "speedups",
     "trainer.enable_progress_bar",
@@ -165,12 +166,21 @@ def check_resume(cfg: DictConfig, checkpoint_path: str) -> None:
             f"trainer.max_epochs={asked} but {where} has already trained {done} epochs (step "
             f"{step}): give trainer.max_epochs > {done} to train on"
         )
-    if asked == done or stopped_early(checkpoint):
-        how = "early stopping ended it" if asked != done else f"trainer.max_epochs={asked}"
+    complete = f"The run in {run_dir} is complete at step {step} ({done} epochs"
+    if stopped_early(checkpoint):
         raise RunComplete(
-            f"The run in {run_dir} is complete at step {step} ({done} epochs, {how}): nothing "
-            f"to resume, nothing changed. To train on, raise trainer.max_epochs "
-            f"(e.g. make train ckpt_path={run_dir} trainer.max_epochs={2 * done})"
+            f"{complete}, ended by early stopping): nothing to resume, nothing changed. Early "
+            "stopping would end it again: to train longer, start a new run"
+        )
+    max_steps = cfg.trainer.get("max_steps", -1)
+    if asked == done or (isinstance(max_steps, int) and 0 <= max_steps <= step):
+        key, more = (
+            ("trainer.max_epochs", 2 * done) if asked == done else ("trainer.max_steps", 2 * step)
+        )
+        raise RunComplete(
+            f"{complete}, {key}={asked if asked == done else max_steps}): nothing to resume, "
+            f"nothing changed. To train on, raise {key} "
+            f"(e.g. make train ckpt_path={run_dir} {key}={more})"
         )
 
 
@@ -208,7 +218,7 @@ def _refuse_differences(where: str, differences: list[tuple[str, Any, Any]]) -> 
     keys = " ".join(key for key, _, _ in differences[:SHOWN_DIFFERENCES])
     raise ConfigError(
         f"{where} was trained with {listed}: a resumed run keeps its own settings (only "
-        f"trainer.max_epochs and what the console shows may change). Drop the override of "
+        f"the run's length and what the console shows may change). Drop the override of "
         f"{keys}, or start a new run (ckpt_path=null)"
     )
 
