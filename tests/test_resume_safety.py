@@ -307,6 +307,12 @@ BAD_INPUT = {
     "trainer.accelerator=mps": "trainer: `MPSAccelerator` can not run on your system",
     "trainer.num_nodes=2": "trainer.num_nodes=2 needs one process per node",
     "seed=99999999999": "seed=99999999999 is not allowed",
+    "seed=-1": "seed=-1 is not allowed: expected an integer in [0, 4294967295]",
+    "callbacks.gradient_monitor.norm_types=[0]": "norm_types must hold numbers > 0 or 'inf'",
+    "callbacks.gradient_monitor.norm_types=[-inf]": "norm_types must hold numbers > 0 or 'inf'",
+    "callbacks.checkpoint.every_n_train_steps=0": "every_n_train_steps must be an integer >= 1",
+    "trainer.devices=0": "trainer.devices=0 is not allowed",
+    "data=moons data.n_samples=3e9": "data.n_samples must be an integer >= 1, got 3000000000.0",
     "model.layer_sizes=[2,1000000000,1]": "makes a network of 4,000,000,001 parameters too "
     "large for memory",
     "data=moons data.n_samples=3000000000": "data.n_samples=3000000000 makes a dataset too large",
