@@ -1,7 +1,8 @@
 """What a person sees in the terminal while training: the tutorial's loss line and one bar."""
 
 import logging
-from typing import Any
+import sys
+from typing import Any, TextIO
 
 import lightning.pytorch as pl
 import torch
@@ -23,6 +24,36 @@ def format_tensor(tensor: torch.Tensor) -> str:
         torch.set_printoptions(profile="default")
 
 
+class AboveTheBar:
+    """A text stream that prints whole lines above a progress bar: the bar is cleared, the lines
+    written, the bar drawn again. A line without its newline yet waits for it, so `print`'s two
+    writes (text, then newline) never let the bar in between. Everything else (`fileno`,
+    `isatty`, `encoding`) is the wrapped stream's."""
+
+    def __init__(self, stream: TextIO, bar: tqdm) -> None:
+        self.stream = stream
+        self.bar = bar
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        if "\n" in self.pending:
+            lines, self.pending = self.pending.rsplit("\n", 1)
+            with self.bar.get_lock():
+                self.bar.clear(nolock=True)
+                self.bar.fp.flush()
+                self.stream.write(lines + "\n")
+                self.stream.flush()
+                self.bar.refresh(nolock=True)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 class ConsoleProgress(Callback):
     """Prints `Epoch 500, Loss: 0.2500294446945...` every `print_every` epochs, as the tutorial
     does, under a single progress bar over the whole run's steps (Lightning's own bar restarts
@@ -32,7 +63,10 @@ class ConsoleProgress(Callback):
     Args:
         print_every: epochs between loss lines; 0 turns them off. The loss printed is the mean of
             the epoch's batch losses (for the tutorial's full batch, the loss of that one step).
-        progress_bar: draw the bar (on stderr).
+        progress_bar: draw the bar (on stderr, when it is a terminal). While the bar is up,
+            everything printed or logged to the terminal (alerts, `Final:`, the per-layer table)
+            is written above it, and the bar is erased when the last step is done; the log file
+            gets the same lines as without a bar. Not a terminal (a pipe, CI): no bar, plain lines.
 
     Raises:
         ValueError: if `print_every` is not an integer >= 0 or `progress_bar` not a bool.
@@ -48,6 +82,9 @@ class ConsoleProgress(Callback):
         self.print_every = print_every
         self.progress_bar = progress_bar
         self._bar: tqdm | None = None
+        # While the bar is up: (owner, attribute, original stream) of each stream swapped for an
+        # AboveTheBar, to put back when the bar goes.
+        self._swapped: list[tuple[Any, str, TextIO]] = []
         self._loss_sum: torch.Tensor | None = None
         self._batches = 0
 
@@ -59,7 +96,7 @@ class ConsoleProgress(Callback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.progress_bar:
             total = trainer.estimated_stepping_batches * trainer.accumulate_grad_batches
-            self._bar = tqdm(
+            bar = tqdm(
                 total=int(total) if total != float("inf") else None,
                 initial=trainer.global_step * trainer.accumulate_grad_batches,
                 unit="batch",
@@ -69,6 +106,31 @@ class ConsoleProgress(Callback):
                 # No bar when the output is not a terminal (CI logs, pipes): lines stay clean.
                 disable=None,
             )
+            if bar.disable:
+                return
+            self._bar = bar
+            self._print_above_the_bar(bar)
+
+    def _print_above_the_bar(self, bar: tqdm) -> None:
+        """Swap the terminal's streams, in `sys` and in every logging handler that writes to
+        them (Hydra's console handler), for ones that write above the bar. File handlers keep
+        their files: train.log gets no bar characters."""
+        above = {id(s): AboveTheBar(s, bar) for s in (sys.stdout, sys.stderr)}
+        named = logging.Logger.manager.loggerDict.values()
+        loggers = [logging.getLogger()] + [lg for lg in named if isinstance(lg, logging.Logger)]
+        for handler in {h for lg in loggers for h in lg.handlers}:
+            stream = getattr(handler, "stream", None)
+            if (
+                isinstance(handler, logging.StreamHandler)
+                and not isinstance(handler, logging.FileHandler)
+                and id(stream) in above
+            ):
+                handler.setStream(above[id(stream)])
+                self._swapped.append((handler, "stream", stream))
+        for name in ("stdout", "stderr"):
+            stream = getattr(sys, name)
+            setattr(sys, name, above[id(stream)])
+            self._swapped.append((sys, name, stream))
 
     @override
     def on_train_batch_end(
@@ -81,6 +143,8 @@ class ConsoleProgress(Callback):
     ) -> None:
         if self._bar is not None:
             self._bar.update(1)
+            if self._bar.n == self._bar.total:  # the last step: erase the bar before the summary
+                self._close_bar()
         # Sum losses on the device only in epochs that print: no host sync on the others.
         if self._prints_this_epoch(trainer):
             loss = outputs["loss"].detach()
@@ -115,15 +179,34 @@ class ConsoleProgress(Callback):
     ) -> None:
         self._close_bar()
 
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._close_bar()
+
     def _close_bar(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+        """Put the terminal's streams back and erase the bar; a line left without its newline is
+        printed after it."""
+        if self._bar is None:
+            return
+        pending = []
+        for owner, name, stream in reversed(self._swapped):
+            above = getattr(owner, name)
+            if isinstance(above, AboveTheBar):
+                pending.append((stream, above.pending))
+                above.pending = ""
+            if isinstance(owner, logging.StreamHandler):
+                owner.setStream(stream)
+            elif isinstance(above, AboveTheBar):  # unless someone swapped it again since
+                setattr(owner, name, stream)
+        self._swapped = []
+        self._bar.close()
+        self._bar.fp.flush()
+        self._bar = None
+        for stream, text in pending:
+            if text:
+                stream.write(text)
+                stream.flush()
 
     def write(self, line: str) -> None:
-        """Log a line to the console and the run's log file without tearing the bar."""
-        if self._bar is not None:
-            self._bar.clear()
+        """Log a line to the console and the run's log file (above the bar, if one is up)."""
         log.info(line)
-        if self._bar is not None:
-            self._bar.refresh()
