@@ -1,6 +1,7 @@
 """Shared fixtures: compose the real conf/ tree the way Hydra's command line would."""
 
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,18 @@ from omegaconf import DictConfig, open_dict
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def wait_for(path_glob: str, root: Path, timeout: float = 120) -> Path:
+    """The first path under `root` matching `path_glob`, once one exists (a run started in a
+    subprocess writing its checkpoint, say)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = list(root.glob(path_glob))
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    raise TimeoutError(path_glob)
 
 
 def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:

@@ -9,11 +9,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import wait_for
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gradwatch.train import train
@@ -34,16 +34,6 @@ def start(args: list[str], root: Path) -> subprocess.Popen:
         text=True,
         start_new_session=True,
     )
-
-
-def wait_for(path_glob: str, root: Path, timeout: float = 120) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = list(root.glob(path_glob))
-        if found:
-            return found[0]
-        time.sleep(0.05)
-    raise TimeoutError(path_glob)
 
 
 def stop(signum: int, to_group: bool, root: Path) -> tuple[str, Path, int]:

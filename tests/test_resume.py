@@ -3,12 +3,12 @@
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import wait_for
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -25,16 +25,6 @@ RUN += ["print_every=0", "trainer.log_every_n_steps=20"]
 def start(args: list[str], root: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "gradwatch.train", *args, f"paths.root={root}"]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(path_glob, root: Path, timeout: float = 120) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = list(root.glob(path_glob))
-        if found:
-            return found[0]
-        time.sleep(0.05)
-    raise TimeoutError(path_glob)
 
 
 def interrupt(signum: int, root: Path) -> tuple[subprocess.Popen, str, Path]:

@@ -8,14 +8,13 @@ import itertools
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, wait_for
 
 import gradwatch.train
 from gradwatch.checkpoints import RunCheckpoint
@@ -188,16 +187,6 @@ SLOW_RUN = [*MOONS, "trainer.check_val_every_n_epoch=10"]
 def start(args: list[str], root: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "gradwatch.train", *args, f"paths.root={root}"]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(path_glob: str, root: Path, timeout: float = 120) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = list(root.glob(path_glob))
-        if found:
-            return found[0]
-        time.sleep(0.05)
-    raise TimeoutError(path_glob)
 
 
 def interrupt_and_resume(run: list[str], signum: int, root: Path) -> tuple[dict, dict]:
