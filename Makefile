@@ -52,8 +52,9 @@ bench: $(STAMP) ## benchmark gradwatch against plain PyTorch and other tools
 report: $(STAMP) ## tables and plots from run directories: make report ARGS="outputs/..."
 	$(PY) -m gradwatch.report $(ARGS)
 
+# gradwatch.board: TensorBoard's server without its notes on TensorFlow and its fast data loader.
 tensorboard: $(STAMP) ## serve every run under outputs/ on 127.0.0.1:6006 (HOST=, PORT= to change)
-	$(VENV)/bin/tensorboard --logdir outputs --host $(HOST) --port $(PORT)
+	$(PY) -m gradwatch.board --logdir outputs --host $(HOST) --port $(PORT)
 
 lint: $(STAMP) ## ruff check and format check
 	$(VENV)/bin/ruff check src tests scripts

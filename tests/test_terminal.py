@@ -6,7 +6,11 @@ printed while it is up (alerts, `Final:`, the per-layer table) tear it or are to
 """
 
 import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,3 +76,70 @@ def test_lines_print_above_the_bar_and_the_bar_goes(tmp_path: Path) -> None:
     for line in lines:
         assert "it/s" not in line and "batch/s" not in line and "s/batch" not in line, screen
         assert "|" not in line and f"/{EPOCHS}" not in line, screen
+
+
+# --- no noise: Hydra's report of a typo, TensorBoard's start -----------------------------------
+
+
+def run_command(*args: str, timeout: float = 120) -> tuple[int, str]:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    done = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "optimizer=adamm",
+            "Unknown option optimizer=adamm. Options in 'optimizer': adam, adamw, rmsprop, sgd",
+        ),
+        (
+            "trainer.max_epoch=3",
+            "Could not override 'trainer.max_epoch': Key 'max_epoch' is not "
+            "in struct. Did you mean 'trainer.max_epochs'?",
+        ),
+    ],
+)
+def test_a_typo_is_reported_in_one_line(tmp_path: Path, override: str, expected: str) -> None:
+    code, out = run_command("-m", "gradwatch.train", override, f"paths.root={tmp_path}")
+    assert code == 1, out
+    assert out.splitlines() == [expected], out  # no search path dump, no HYDRA_FULL_ERROR hint
+    assert not any(tmp_path.iterdir())
+
+
+def test_tensorboard_starts_with_only_its_address(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradwatch.board", "--logdir", str(tmp_path)]
+        + ["--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its data server is a child: stop the whole group
+    )
+    lines = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any("TensorBoard" in x for x in lines):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip("\n"))
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert [x for x in lines if x] == [
+        f"TensorBoard {tensorboard_version()} at http://127.0.0.1:{port}/ (Press CTRL+C to quit)"
+    ], lines
+
+
+def tensorboard_version() -> str:
+    from tensorboard.version import VERSION
+
+    return VERSION

@@ -4,6 +4,7 @@ python -m gradwatch.train optimizer=adam optimizer.lr=0.05 trainer.max_epochs=15
 gradwatch-train experiment=xor_adam
 """
 
+import difflib
 import json
 import logging
 import os
@@ -14,9 +15,11 @@ import warnings
 from pathlib import Path
 
 import hydra
+import hydra._internal.utils as hydra_internal_utils
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.profilers import (
@@ -26,6 +29,7 @@ from lightning.pytorch.profilers import (
     SimpleProfiler,
 )
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
 
 from gradwatch.checkpoints import AtomicCheckpointIO
@@ -46,7 +50,10 @@ log = logging.getLogger("gradwatch")
 
 def quiet_known_warnings() -> None:
     """The command line's console: warnings that say nothing to a user of gradwatch are left out,
-    and gradient alerts print as log lines. Process-wide, so only `main` calls it."""
+    gradient alerts print as log lines, and a command line Hydra cannot compose (a misspelled
+    option or key) is reported in a line or two, the options there are included, without Hydra's
+    config search path and stack trace hint (HYDRA_FULL_ERROR=1 still gives the whole trace).
+    Process-wide, so only `main` calls it."""
     # One-step epochs are the point of the tutorial's run, not a mistake to warn about.
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     # A dataset without a held-out split (xor) returns no validation batches on purpose.
@@ -66,6 +73,47 @@ def quiet_known_warnings() -> None:
             python_showwarning(message, category, filename, lineno, file, line)
 
     warnings.showwarning = show_alerts_as_log_lines
+
+    def short_compose_error(error: Exception) -> str:
+        cause = error.__cause__
+        options, missing = getattr(error, "options", None), getattr(error, "missing_cfg_file", "")
+        if options is not None and "/" in (missing or ""):  # optimizer=adamm
+            group, _, name = missing.rpartition("/")
+            return f"Unknown option {group}={name}. Options in '{group}': {', '.join(options)}"
+        parent = getattr(cause, "parent_node", None)
+        if isinstance(cause, OmegaConfBaseException) and isinstance(parent, DictConfig):
+            # trainer.max_epoch=3: the key it is close to, or the keys there are.
+            full_key, key = str(cause.full_key), str(cause.key)
+            where = full_key.rpartition(".")[0]
+            keys = [str(k) for k in parent.keys() if not str(k).startswith("_")]
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = (
+                f"Did you mean '{where + '.' if where else ''}{close[0]}'?"
+                if close
+                else f"Keys there: {', '.join(keys)} (a new one: +{full_key}=...)."
+            )
+            return f"Could not override '{full_key}': Key '{key}' is not in struct. {hint}"
+        # Anything else as Hydra words it, less the config search path it appends.
+        lines = [str(error).split("\nConfig search path:")[0].strip()]
+        if isinstance(cause, OmegaConfBaseException):
+            lines.append(str(cause).strip())
+        return "\n".join(lines)
+
+    hydra_run_and_report = hydra_internal_utils.run_and_report
+
+    def run_and_report(func):
+        def compose_errors_in_short():
+            try:
+                return func()
+            except (ConfigCompositionException, OverrideParseException) as error:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(short_compose_error(error), file=sys.stderr)
+                sys.exit(1)
+
+        return hydra_run_and_report(compose_errors_in_short)
+
+    hydra_internal_utils.run_and_report = run_and_report
 
 
 def quiet_writer_thread_errors() -> None:
