@@ -4,22 +4,17 @@ python -m gradwatch.train optimizer=adam optimizer.lr=0.05 trainer.max_epochs=15
 gradwatch-train experiment=xor_adam
 """
 
-import difflib
 import json
 import logging
 import os
 import sys
-import threading
 import traceback
-import warnings
 from pathlib import Path
 
 import hydra
-import hydra._internal.utils as hydra_internal_utils
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.profilers import (
@@ -29,14 +24,17 @@ from lightning.pytorch.profilers import (
     SimpleProfiler,
 )
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
 
 from gradwatch.checkpoints import AtomicCheckpointIO
+from gradwatch.command_line import (
+    quiet_known_warnings,
+    quiet_writer_thread_errors,
+    short_hydra_errors,
+)
 from gradwatch.data import InMemoryDataModule
 from gradwatch.launch import CONF_DIR, ddp_processes_for_this_job, resume_arguments
 from gradwatch.model import MLPModule
-from gradwatch.monitor import GradientAlert, GradientMonitor
+from gradwatch.monitor import GradientMonitor
 from gradwatch.overhead import NoProfiler, apply_speedups
 from gradwatch.preflight import check_config
 from gradwatch.report import save_grad_flow
@@ -46,89 +44,6 @@ from gradwatch.sweep import FAILED_FILE
 from gradwatch.validate import ConfigError
 
 log = logging.getLogger("gradwatch")
-
-
-def quiet_known_warnings() -> None:
-    """The command line's console: warnings that say nothing to a user of gradwatch are left out,
-    gradient alerts print as log lines, and a command line Hydra cannot compose (a misspelled
-    option or key) is reported in a line or two, the options there are included, without Hydra's
-    config search path and stack trace hint (HYDRA_FULL_ERROR=1 still gives the whole trace).
-    Process-wide, so only `main` calls it."""
-    # One-step epochs are the point of the tutorial's run, not a mistake to warn about.
-    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-    # A dataset without a held-out split (xor) returns no validation batches on purpose.
-    warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
-    # Lightning 2.6 against torch 2.13: an internal deprecation, nothing a user can act on.
-    warnings.filterwarnings(
-        "ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*"
-    )
-    python_showwarning = warnings.showwarning
-
-    def show_alerts_as_log_lines(message, category, filename, lineno, file=None, line=None):
-        # Gradient alerts are for people: one clean line in the console and train.log, not a
-        # warning with a source location.
-        if issubclass(category, GradientAlert):
-            log.warning(f"ALERT {message}")
-        else:
-            python_showwarning(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = show_alerts_as_log_lines
-
-    def short_compose_error(error: Exception) -> str:
-        cause = error.__cause__
-        options, missing = getattr(error, "options", None), getattr(error, "missing_cfg_file", "")
-        if options is not None and "/" in (missing or ""):  # optimizer=adamm
-            group, _, name = missing.rpartition("/")
-            return f"Unknown option {group}={name}. Options in '{group}': {', '.join(options)}"
-        parent = getattr(cause, "parent_node", None)
-        if isinstance(cause, OmegaConfBaseException) and isinstance(parent, DictConfig):
-            # trainer.max_epoch=3: the key it is close to, or the keys there are.
-            full_key, key = str(cause.full_key), str(cause.key)
-            where = full_key.rpartition(".")[0]
-            keys = [str(k) for k in parent.keys() if not str(k).startswith("_")]
-            close = difflib.get_close_matches(key, keys, n=1)
-            hint = (
-                f"Did you mean '{where + '.' if where else ''}{close[0]}'?"
-                if close
-                else f"Keys there: {', '.join(keys)} (a new one: +{full_key}=...)."
-            )
-            return f"Could not override '{full_key}': Key '{key}' is not in struct. {hint}"
-        # Anything else as Hydra words it, less the config search path it appends.
-        lines = [str(error).split("\nConfig search path:")[0].strip()]
-        if isinstance(cause, OmegaConfBaseException):
-            lines.append(str(cause).strip())
-        return "\n".join(lines)
-
-    hydra_run_and_report = hydra_internal_utils.run_and_report
-
-    def run_and_report(func):
-        def compose_errors_in_short():
-            try:
-                return func()
-            except (ConfigCompositionException, OverrideParseException) as error:
-                if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                    raise
-                print(short_compose_error(error), file=sys.stderr)
-                sys.exit(1)
-
-        return hydra_run_and_report(compose_errors_in_short)
-
-    hydra_internal_utils.run_and_report = run_and_report
-
-
-def quiet_writer_thread_errors() -> None:
-    """A write that fails in TensorBoard's writer thread (a full disk) is raised again in the
-    training thread at its next write, and reported there in a line: the thread's own traceback
-    would only bury that line. Process-wide, so only `main` calls it."""
-    python_excepthook = threading.excepthook
-
-    def excepthook(args: threading.ExceptHookArgs) -> None:
-        if not (
-            isinstance(args.exc_value, OSError) and isinstance(args.thread, _AsyncWriterThread)
-        ):
-            python_excepthook(args)
-
-    threading.excepthook = excepthook
 
 
 def build_trainer(
@@ -257,6 +172,7 @@ def main() -> None:
     """`gradwatch-train` and `python -m gradwatch.train`: Hydra's command line."""
     quiet_known_warnings()
     quiet_writer_thread_errors()
+    short_hydra_errors()
     sys.argv.extend(resume_arguments(sys.argv[1:]))
     hydra_main()
 
