@@ -203,11 +203,11 @@ def test_describe_write_error_with_a_damaged_checkpoint(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 60 KiB filesystem (tmpfs), where a run fills the disk within its first second."""
+    """A 64 KiB filesystem (tmpfs), where a run fills the disk within its first second."""
     disk = tmp_path / "disk"
     disk.mkdir()
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=60k", "tmpfs", str(disk)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True
     )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")

@@ -2,6 +2,7 @@
 back in its own directory, and DDP processes that start the right job inside a Hydra multirun.
 """
 
+import hashlib
 import os
 import sys
 from collections.abc import Iterator
@@ -37,8 +38,48 @@ def run_id() -> str:
     return f"{datetime.now():%Y-%m-%d_%H-%M-%S_%f}_{os.getpid()}"
 
 
+# The overrides part of a run folder's name, in bytes: long enough for a handful of overrides,
+# short enough to read in TensorBoard's run list (and far below a folder name's 255 bytes).
+RUN_LABEL_BYTES = 96
+
+
+def run_folder(overrides: str, stamp: str) -> str:
+    """A single run's folder name: what the command line changed, then `stamp` (its run id), e.g.
+    `optimizer=adam,optimizer.lr=0.05@2026-12-03_21-50-58_123456_4242`, so TensorBoard's run list
+    tells an SGD run from an Adam run by its first words; a run without overrides is just `stamp`.
+    `overrides` is Hydra's `job.override_dirname` (sorted, less `job.config.override_dirname.
+    exclude_keys`). One folder level, as before: whatever finds runs at `<root>/<name>/*` still
+    does. A `/` in a value would nest folders: it becomes `_`. A label too long to read is cut
+    and ends in a hash of the whole, so different overrides still get different names."""
+    label = overrides.replace("/", "_")
+    raw = label.encode()
+    if len(raw) > RUN_LABEL_BYTES:
+        digest = hashlib.sha1(raw).hexdigest()[:8]
+        label = raw[: RUN_LABEL_BYTES - 9].decode(errors="ignore") + "_" + digest
+    return f"{label}@{stamp}" if label else stamp
+
+
 # `${run_id:}` in conf/config.yaml; cached, so every reference in one process sees one value.
 OmegaConf.register_new_resolver("run_id", run_id, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("run_folder", run_folder, use_cache=True, replace=True)
+
+
+def quote_run_paths(args: list[str]) -> list[str]:
+    """`args` with a `ckpt_path=<run folder>` that Hydra cannot parse quoted for Hydra. A run
+    folder named by its overrides holds `=`, `,` and brackets (`optimizer=adam@<time>`), which
+    Hydra reads as syntax, yet the path is what the resume hint prints and users paste: a
+    checkpoint path is never a Hydra expression, so it is taken as the plain string it is."""
+    parser = OverridesParser.create()
+    quoted = []
+    for arg in args:
+        if arg.startswith("ckpt_path="):
+            try:
+                parser.parse_override(arg)
+            except Exception:  # noqa: BLE001 - Hydra's grammar error: the value is a path
+                value = arg.removeprefix("ckpt_path=").replace("\\", "\\\\").replace("'", "\\'")
+                arg = f"ckpt_path='{value}'"
+        quoted.append(arg)
+    return quoted
 
 
 def resume_arguments(args: list[str]) -> list[str]:

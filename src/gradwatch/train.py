@@ -32,7 +32,12 @@ from gradwatch.command_line import (
     short_hydra_errors,
 )
 from gradwatch.data import InMemoryDataModule
-from gradwatch.launch import CONF_DIR, ddp_processes_for_this_job, resume_arguments
+from gradwatch.launch import (
+    CONF_DIR,
+    ddp_processes_for_this_job,
+    quote_run_paths,
+    resume_arguments,
+)
 from gradwatch.model import MLPModule
 from gradwatch.monitor import GradientMonitor
 from gradwatch.overhead import NoProfiler, apply_speedups
@@ -173,6 +178,7 @@ def main() -> None:
     quiet_known_warnings()
     quiet_writer_thread_errors()
     short_hydra_errors()
+    sys.argv[1:] = quote_run_paths(sys.argv[1:])
     sys.argv.extend(resume_arguments(sys.argv[1:]))
     hydra_main()
 
