@@ -4,7 +4,7 @@ import json
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.plugins.hparams import backend_context, plugin_data_pb2
 
 from gradwatch.train import train
 
@@ -38,3 +38,15 @@ def test_hparams_and_final_metrics_reach_tensorboard(make_cfg, tmp_path):
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
     tags = {m.name.tag for m in experiment.experiment.metric_infos}
     assert {"final/train_loss", "final/train_acc", "final/grad_norm_total"} <= tags
+    # The columns TensorBoard ticks by default (its first five, in its own order) are the
+    # choices that tell runs apart, with the final metrics beside them.
+    names = {info.name for info in experiment.experiment.hparam_infos}
+    backend_context._sort_and_reduce_to_hparams_limit(experiment.experiment, 5)
+    assert [info.name for info in experiment.experiment.hparam_infos] == [
+        "model.activation",
+        "model.layer_sizes",
+        "optimizer",
+        "optimizer.lr",
+        "trainer.max_epochs",
+    ]
+    assert {"seed", "data.name", "data.batch_size"} <= names

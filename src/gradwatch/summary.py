@@ -10,10 +10,24 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 from typing_extensions import override
 
 from gradwatch.monitor import GradientMonitor
+
+# The HParams columns ticked by default. TensorBoard (backend_context.
+# _sort_and_reduce_to_hparams_limit) orders the experiment's hparams by `differs` (true first),
+# then by name, and ticks the first five: marking these five as differing puts the choices that
+# tell runs apart (not data.batch_size=null, data.n_samples, ...) in the table; every other
+# hparam stays one tick away. Every run writes the same set, whichever run's experiment TB reads.
+SHOWN_HPARAMS = (
+    "model.activation",
+    "model.layer_sizes",
+    "optimizer",
+    "optimizer.lr",
+    "trainer.max_epochs",
+)
 
 log = logging.getLogger("gradwatch")
 
@@ -90,7 +104,19 @@ class RunSummary(Callback):
             logger.log_metrics(final, step=trainer.global_step)
             if isinstance(logger, TensorBoardLogger):
                 # The HParams plugin reads each metric as the last value of its scalar tag.
-                for summary in hparams_summary(self.hparams, dict.fromkeys(final, 0.0)):
+                for summary in hparams_experiment(self.hparams, final):
                     logger.experiment._get_file_writer().add_summary(summary)
             else:  # MLflow, CSV: the run's settings as their parameters
                 logger.log_hyperparams(self.hparams)
+
+
+def hparams_experiment(hparams: dict[str, Any], metrics: dict[str, float]) -> list:
+    """TensorBoard's HParams summaries (experiment, session start, session end) for `hparams`
+    and the final `metrics` tags, with :data:`SHOWN_HPARAMS` marked to show by default."""
+    experiment, start, end = hparams_summary(hparams, dict.fromkeys(metrics, 0.0))
+    content = experiment.value[0].metadata.plugin_data
+    data = plugin_data_pb2.HParamsPluginData.FromString(content.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in SHOWN_HPARAMS
+    content.content = data.SerializeToString()
+    return [experiment, start, end]
