@@ -425,7 +425,9 @@ def test_a_run_resumed_twice_matches_one_run_of_that_length(tmp_path):
 def test_a_run_ended_by_early_stopping_or_max_steps_is_complete(copy_of):
     root, run_dir = copy_of
     path = run_dir / "checkpoints" / "last.ckpt"
-    longer = [f"ckpt_path={run_dir}", f"paths.root={root}", *RUN[1:]]
+    # Quoted for Hydra, as the command line does (launch.quote_run_paths): the run's folder is
+    # named by its overrides.
+    longer = [f"ckpt_path='{run_dir}'", f"paths.root={root}", *RUN[1:]]
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["callbacks"]["EarlyStopping{'monitor': 'train/loss', 'mode': 'min'}"] = {
         "stopped_epoch": 59,
