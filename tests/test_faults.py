@@ -233,5 +233,8 @@ def test_a_full_disk_is_one_line_naming_the_file(small_disk):
     (run_dir,) = (small_disk / "xor").iterdir()
     (event_file,) = run_dir.glob("events.out.tfevents.*")
     assert f"Error writing the run: cannot write {event_file}: No space left on device" in out
-    assert f"(step 500) is whole: resume with ckpt_path={run_dir}" in out
-    assert check_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 500
+    # The last periodic checkpoint written before the disk filled (how far the run got depends
+    # on the sizes of its files) is whole, and the message says which step it holds.
+    step = check_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+    assert step > 0 and step % 500 == 0
+    assert f"(step {step}) is whole: resume with ckpt_path={run_dir}" in out
