@@ -102,6 +102,7 @@ BAD: dict[str, list[Any]] = {
     "callbacks.gradient_monitor.log_every_n_steps": [-1, 2.5],
     "callbacks.gradient_monitor.histogram_every_n_steps": [-5],
     "callbacks.gradient_monitor.bins": [0, "many"],
+    "callbacks.gradient_monitor.histogram_min_values": [0, "few"],
     "callbacks.gradient_monitor.norm_types": ["inf", [2, -1]],
     "callbacks.gradient_monitor.log_weight_norms": ["maybe"],
     "callbacks.gradient_monitor.log_update_ratio": [3],

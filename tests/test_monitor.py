@@ -150,6 +150,7 @@ def fit(tmp_path, monitor, module=None, loader=None, logger="tb", extra_callback
         ({"log_every_n_steps": -1}, "log_every_n_steps must be an int >= 0 or None"),
         ({"histogram_every_n_steps": 1.5}, "histogram_every_n_steps must be an int >= 0"),
         ({"bins": 0}, "bins must be an int >= 1"),
+        ({"histogram_min_values": 0}, "histogram_min_values must be an int >= 1"),
         ({"norm_types": [2, -1]}, "norm_types must hold numbers > 0 or 'inf'"),
         ({"norm_types": "inf"}, "norm_types must be a list"),
         ({"exploding_factor": 1}, "exploding_factor must be a number > 1"),
@@ -219,7 +220,8 @@ def test_written_on_the_same_steps_as_lightning(tmp_path, every, accumulate):
 
 
 def test_histogram_cadence_defaults_to_ten_times_the_scalars(tmp_path):
-    trainer, _ = fit(tmp_path, GradientMonitor(), max_epochs=40, log_every_n_steps=2)
+    monitor = GradientMonitor(histogram_min_values=1)  # the tutorial's tensors are all small
+    trainer, _ = fit(tmp_path, monitor, max_epochs=40, log_every_n_steps=2)
     hists = histograms(read_events(trainer.logger.log_dir))
     assert sorted(hists["grad_hist/fc1.weight"]) == [19, 39]
     assert sorted(hists["weight_hist/fc2.bias"]) == [19, 39]
@@ -253,7 +255,9 @@ def test_a_subclass_that_overrides_on_train_batch_end_gets_every_step(tmp_path):
 
 def test_nothing_at_all_on_other_steps_and_one_transfer_on_logging_steps(tmp_path, monkeypatch):
     """Every tensor op the monitor's hooks run, and every `.tolist()`, counted per step."""
-    monitor = GradientMonitor(log_every_n_steps=4, histogram_every_n_steps=8)
+    monitor = GradientMonitor(
+        log_every_n_steps=4, histogram_every_n_steps=8, histogram_min_values=1
+    )
     ops: dict[int, list[str]] = {}
     transfers: dict[int, int] = {}
     real_tolist = torch.Tensor.tolist
@@ -333,7 +337,6 @@ def test_plain_sgd_norms_equal_weight_steps_over_lr(tmp_path):
         everything = torch.cat([g.flatten() for g in grads.values()])
         # The total is the norm of all gradients: not the sum of the layer norms.
         assert values["grad_norm/total"][k] == pytest.approx(everything.norm().item(), rel=1e-5)
-        assert values["grad_nonfinite/total"][k] == 0
 
 
 class MixedNet(nn.Module):
@@ -356,7 +359,7 @@ def test_mixed_dtypes_keep_every_value_with_its_parameter(tmp_path, hist_every):
     recorder = Recorder()
     trainer, _ = fit(
         tmp_path,
-        GradientMonitor(histogram_every_n_steps=hist_every),
+        GradientMonitor(histogram_every_n_steps=hist_every, histogram_min_values=1),
         module=lambda: Module(net=MixedNet(), optimizer=lambda p: torch.optim.SGD(p, lr=0.5)),
         max_epochs=3,
         extra_callbacks=[recorder],
@@ -462,7 +465,7 @@ def test_fp16_grad_scaler_values_are_unscaled_even_for_fused_optimizers(
     scaler = torch.amp.GradScaler("cpu", growth_interval=growth_interval)
     trainer, _ = fit(
         tmp_path,
-        GradientMonitor(histogram_every_n_steps=1),
+        GradientMonitor(histogram_every_n_steps=1, histogram_min_values=1),
         module=lambda: Module(optimizer=lambda p: torch.optim.Adam(p, lr=1e-3, fused=fused)),
         max_epochs=1,
         plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
@@ -610,9 +613,78 @@ def test_nonfinite_values_are_counted_per_layer(tmp_path, clip):
     assert values["grad_norm_1/fc1.bias"] == pytest.approx(1.5)
 
 
+def test_a_healthy_run_writes_no_nonfinite_tags_and_no_histograms_of_small_tensors(tmp_path):
+    """The tutorial's tensors (1 to 4 values) are under `histogram_min_values` (16): no
+    histograms at all, and no `grad_nonfinite/` cards of zeros; their norms are still written."""
+    trainer, _ = fit(tmp_path, GradientMonitor(histogram_every_n_steps=1), max_epochs=3)
+    acc = read_events(trainer.logger.log_dir)
+    values = scalars(acc)
+    assert not [t for t in values if t.startswith("grad_nonfinite/")]
+    assert histograms(acc) == {}
+    for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+        assert sorted(values[f"grad_norm/{n}"]) == sorted(values[f"weight_norm/{n}"]) == [0, 1, 2]
+
+
+def test_tensors_of_at_least_the_minimum_get_histograms(tmp_path):
+    """A 2-8-1 network: fc1.weight has 16 values (the minimum) and gets histograms, bins checked
+    against torch.histc in plain PyTorch; the 8- and 1-value tensors get none."""
+    recorder = Recorder()
+    trainer, _ = fit(
+        tmp_path,
+        GradientMonitor(histogram_every_n_steps=1),
+        module=lambda: Module(net=Net((2, 8, 1))),
+        max_epochs=1,
+        extra_callbacks=[recorder],
+    )
+    hists = histograms(read_events(trainer.logger.log_dir))
+    assert sorted(hists) == ["grad_hist/fc1.weight", "weight_hist/fc1.weight"]
+    torch.manual_seed(0)
+    net = Net((2, 8, 1))
+    nn.functional.mse_loss(net(X_XOR), Y_XOR).backward()
+    assert torch.equal(net.fc1.weight.detach(), recorder.weights[0]["fc1.weight"])
+    for kind, t in (("grad", net.fc1.weight.grad), ("weight", net.fc1.weight.detach())):
+        h = hists[f"{kind}_hist/fc1.weight"][0]
+        lo, hi = t.min().item(), t.max().item()
+        assert (h.min, h.max, h.num) == (lo, hi, 16)
+        assert list(h.bucket) == [0.0, *torch.histc(t, bins=64, min=lo, max=hi).tolist()]
+
+
+class HealGradients(pl.Callback):
+    """After the monitor has measured (before clipping): NaN and Inf gradients to zero, so that
+    the weights stay finite and only the corrupted steps have non-finite gradients."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        for p in pl_module.parameters():
+            p.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def test_nonfinite_tags_are_written_at_the_steps_that_had_them(tmp_path):
+    def corrupt(module):
+        if module.global_step in (2, 4):
+            module.net.fc1.weight.grad[0, 0] = float("nan")
+
+    with pytest.warns(GradientAlert, match="non-finite gradients at step 2 .*fc1 \\(1 values?\\)"):
+        trainer, _ = fit(
+            tmp_path,
+            GradientMonitor(histogram_every_n_steps=0),
+            module=lambda: Module(after_backward=corrupt),
+            max_epochs=6,
+            extra_callbacks=[HealGradients()],
+            # Clipping (too loose to change anything) makes the monitor count before the hook
+            # returns; otherwise it counts after the step, once the gradients are healed.
+            gradient_clip_val=1e6,
+        )
+    values = scalars(read_events(trainer.logger.log_dir))
+    assert sorted(values["grad_norm/total"]) == list(range(6))
+    assert values["grad_nonfinite/fc1"] == {2: 1.0, 4: 1.0}
+    assert values["grad_nonfinite/total"] == {2: 1.0, 4: 1.0}
+    assert "grad_nonfinite/fc2" not in values  # fc2's gradients stayed finite
+
+
 def test_large_tensors_get_the_same_bins_as_torch_histc(tmp_path):
     """Tensors of 4096 values and more are binned with bincount on CPU: the counts, min, max,
-    sum and sum of squares of a 2-4096-1 network, against torch.histc in plain PyTorch."""
+    sum and sum of squares of a 2-4096-1 network, against torch.histc in plain PyTorch. fc2.bias,
+    one value, is under the default `histogram_min_values` (16): no histogram, its norms only."""
     recorder = Recorder()
     trainer, _ = fit(
         tmp_path,
@@ -628,12 +700,12 @@ def test_large_tensors_get_the_same_bins_as_torch_histc(tmp_path):
     for name, p in net.named_parameters():
         assert torch.equal(p.detach(), recorder.weights[0][name])
         for kind, t in (("grad", p.grad), ("weight", p.detach())):
+            if t.numel() < 16:
+                assert f"{kind}_hist/{name}" not in hists
+                continue
             h = hists[f"{kind}_hist/{name}"][0]
             lo, hi = t.min().item(), t.max().item()
-            if lo == hi:  # fc2.bias, one value: one bucket
-                expected = [float(t.numel())]
-            else:
-                expected = torch.histc(t, bins=64, min=lo, max=hi).tolist()
+            expected = torch.histc(t, bins=64, min=lo, max=hi).tolist()
             assert (h.min, h.max, h.num) == (lo, hi, t.numel())
             assert list(h.bucket) == [0.0, *expected], f"{kind} {name}"
             assert h.sum == pytest.approx(t.double().sum().item(), rel=1e-5, abs=1e-9)

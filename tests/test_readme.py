@@ -26,7 +26,12 @@ DEFAULT_RUN = (
     "trainer.log_every_n_steps=10",
     "callbacks.gradient_monitor.norm_types=[2,inf]",
     "trainer.gradient_clip_val=1.0",
+    # The tutorial's tensors (1 to 4 values) are under the default minimum for a histogram.
+    "callbacks.gradient_monitor.histogram_min_values=1",
 )
+# Rows written only when something is wrong, so absent from a healthy run; test_monitor.py checks
+# that a run with NaN gradients writes them.
+ONLY_WHEN_UNHEALTHY = ("grad_nonfinite/<layer>", "grad_nonfinite/total")
 # val/loss and val/acc exist only for a dataset with a held-out split: xor has none.
 VAL_RUN = ("data=moons", "model.loss=bce_with_logits", "trainer.max_epochs=50")
 
@@ -117,7 +122,7 @@ def test_every_documented_tag_is_in_the_event_files(default_tags, val_tags):
     tags = default_tags
     both = {k: tags.get(k, set()) | val_tags.get(k, set()) for k in {*tags, *val_tags}}
     missing = []
-    for pattern in (p for row in tag_table() for p in row):
+    for pattern in (p for row in tag_table() for p in row if p not in ONLY_WHEN_UNHEALTHY):
         # val/ rows (and whatever Lightning writes with them) only from the moons run.
         for regex in expand(pattern):
             if not any(re.fullmatch(regex, t) for t in both.get(plugin_of(pattern), ())):

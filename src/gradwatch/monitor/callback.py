@@ -54,7 +54,9 @@ class GradientMonitor(Callback):
       is the norm of the layer norms. Other ``norm_types`` go to ``grad_norm_<p>/...``
       (``grad_norm_inf/...``, ``grad_norm_1/...``)
     - ``grad_norm/total_clipped``: the total after clipping, when ``Trainer(gradient_clip_val=...)``
-    - ``grad_nonfinite/<layer>``, ``grad_nonfinite/total``: counts of NaN and Inf gradient values
+    - ``grad_nonfinite/<layer>``, ``grad_nonfinite/total``: counts of NaN and Inf gradient values,
+      written only at the steps and for the layers where a count is not zero (a healthy run has
+      none of these tags)
     - ``weight_norm/<layer>.<param>`` and ``update_ratio/<layer>``: the norm of the step's change of
       a layer's parameters over their norm before the step (healthy training sits near 1e-3)
 
@@ -64,9 +66,12 @@ class GradientMonitor(Callback):
 
     Every ``histogram_every_n_steps`` it also writes ``grad_hist/<layer>.<param>`` and
     ``weight_hist/<layer>.<param>`` (``torch.histc`` over the finite range, into ``bins`` bins) to
-    the TensorBoard logger. Alerts go to the console once per episode (as :class:`GradientAlert`
-    warnings) and to TensorBoard as text under ``alerts``. At the end of training, rank zero writes
-    ``gradients.json`` to ``trainer.default_root_dir`` and prints a per-layer table;
+    the TensorBoard logger, for tensors of at least ``histogram_min_values`` values: a histogram of
+    a handful of values is a handful of spikes, and such a tensor's norms are already in
+    ``grad_norm/<layer>.<param>`` and ``weight_norm/<layer>.<param>``. Alerts go to the console
+    once per episode (as :class:`GradientAlert` warnings) and to TensorBoard as text under
+    ``alerts``. At the end of training, rank zero writes ``gradients.json`` to
+    ``trainer.default_root_dir`` and prints a per-layer table;
     :func:`gradwatch.report.save_grad_flow` draws :attr:`history`.
 
     Cost: on other steps the monitor does nothing (with ``on_nonfinite="stop"``, one on-device
@@ -82,6 +87,8 @@ class GradientMonitor(Callback):
             times the scalar cadence. ``0``: no histograms.
         bins: number of histogram bins (TensorBoard shows about 64 whatever is written), at most
             10000.
+        histogram_min_values: tensors with fewer values get no histogram (their norm scalars
+            carry them); ``1``: a histogram of every tensor.
         norm_types: norms to log; ``2`` is always logged (``grad_norm/``), others such as ``1`` or
             ``inf`` (``"inf"`` works too) in their own family ``grad_norm_<p>/``.
         log_weight_norms: write ``weight_norm/<layer>.<param>``.
@@ -115,6 +122,7 @@ class GradientMonitor(Callback):
         log_every_n_steps: int | None = None,
         histogram_every_n_steps: int | None = None,
         bins: int = 64,
+        histogram_min_values: int = 16,
         norm_types: Sequence[float | int | str] = (2,),
         log_weight_norms: bool = True,
         log_update_ratio: bool = True,
@@ -131,12 +139,14 @@ class GradientMonitor(Callback):
         check_int("log_every_n_steps", log_every_n_steps, minimum=0, allow_none=True)
         check_int("histogram_every_n_steps", histogram_every_n_steps, minimum=0, allow_none=True)
         check_int("bins", bins, minimum=1, maximum=MAX_BINS)
+        check_int("histogram_min_values", histogram_min_values, minimum=1)
         check_bool("log_weight_norms", log_weight_norms)
         check_bool("log_update_ratio", log_update_ratio)
         self.norm_types = arguments.norm_types(norm_types)
         self.log_every_n_steps = log_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
         self.bins = bins
+        self.histogram_min_values = histogram_min_values
         self.log_weight_norms = log_weight_norms
         self.log_update_ratio = log_update_ratio
         self.on_nonfinite = on_nonfinite
@@ -322,7 +332,9 @@ class GradientMonitor(Callback):
         jobs_tensors: list[Tensor] = []
         if self._write_hist and self._tb is not None:
             for m in pending:
-                jobs_tensors += (m.grad_copies or []) + (m.before or [])
+                jobs_tensors += [
+                    t for t in (m.grad_copies or []) + (m.before or []) if self._drawn(t)
+                ]
             parts += histograms.device_stats(jobs_tensors)
 
         host = stats.to_host(parts)  # the one transfer of the step
@@ -401,15 +413,24 @@ class GradientMonitor(Callback):
         for m, (_, values) in zip(pending, measured, strict=True):
             scale = values.scale
             for name, copy in zip(m.grad_names, m.grad_copies or [], strict=True):
+                if not self._drawn(copy):
+                    continue
                 # The norm of the copy as it is (still scaled where the values are).
                 norm = values.grad_norms[2.0][name] * scale
                 jobs.append(
                     histograms.Job(f"grad_hist/{self._tags.param(name)}", copy, norm, scale)
                 )
             for name, copy in zip(m.weight_names, m.before or [], strict=True):
+                if not self._drawn(copy):
+                    continue
                 norm = values.weight_norms[name]
                 jobs.append(histograms.Job(f"weight_hist/{self._tags.param(name)}", copy, norm))
         return jobs
+
+    def _drawn(self, tensor: Tensor) -> bool:
+        """Whether a tensor gets a histogram: below ``histogram_min_values`` values it would be a
+        few spikes with overlapping labels, and its norm scalars say the same."""
+        return tensor.numel() >= self.histogram_min_values
 
     def _track_nonfinite(self, params: list[Tensor], step: int) -> None:
         grads = [stored_values(p.grad) for p in params if p.grad is not None]

@@ -74,9 +74,12 @@ def step_scalars(
         for name, count in values.nonfinite.items():
             tag = tags.layer(layer_of(name))
             nonfinite[tag] = nonfinite.get(tag, 0.0) + count
+    # Written only where a count is non-zero: in a healthy run these tags would be a card of zeros
+    # per layer. The health rules still get every count (``out.nonfinite``).
     for tag, count in nonfinite.items():
-        metrics[f"grad_nonfinite/{tag}"] = count
-    if nonfinite:
+        if count > 0:
+            metrics[f"grad_nonfinite/{tag}"] = count
+    if any(count > 0 for count in nonfinite.values()):
         metrics[f"grad_nonfinite/{TOTAL}"] = sum(nonfinite.values())
     out.nonfinite = nonfinite
 
