@@ -137,7 +137,7 @@ def test_nonfinite_gradients_stop_training_and_keep_the_run(make_cfg, step, valu
     # Event files flushed and readable: the counts, the loss up to the stop, the alert text.
     events = read_events(run_dir)
     assert scalar(events, "grad_nonfinite/fc1")[14] >= 1
-    assert scalar(events, "grad_nonfinite/total")[9] == 0
+    assert 9 not in scalar(events, "grad_nonfinite/total")  # written only where a count is not 0
     assert max(scalar(events, "train/loss")) == 14
     assert [s for s, text in alert_texts(events) if "non-finite" in text] == [14]
 
