@@ -88,7 +88,8 @@ class GradientMonitor(Callback):
         bins: number of histogram bins (TensorBoard shows about 64 whatever is written), at most
             10000.
         histogram_min_values: tensors with fewer values get no histogram (their norm scalars
-            carry them); ``1``: a histogram of every tensor.
+            carry them); ``1``: a histogram of every tensor. The default, 16: fewer values fill
+            at most a quarter of the 64 default bins, spikes rather than a shape.
         norm_types: norms to log; ``2`` is always logged (``grad_norm/``), others such as ``1`` or
             ``inf`` (``"inf"`` works too) in their own family ``grad_norm_<p>/``.
         log_weight_norms: write ``weight_norm/<layer>.<param>``.
