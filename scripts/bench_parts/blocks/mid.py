@@ -37,11 +37,16 @@ def contenders(quick: bool, notes: list[str], block: str = "mid", device: str = 
         },
         "none",
     )
+    # "All histograms": histogram_min_values=1 draws the 10-value output bias too.
     specs.add(
         "hist_50",
         "GradientMonitor, all histograms every 50 steps",
         "monitored",
-        {**mid, "kind": "monitor", "monitor": {"histogram_every_n_steps": 50}},
+        {
+            **mid,
+            "kind": "monitor",
+            "monitor": {"histogram_every_n_steps": 50, "histogram_min_values": 1},
+        },
         "none",
     )
     specs.add(
@@ -64,7 +69,7 @@ def contenders(quick: bool, notes: list[str], block: str = "mid", device: str = 
         "monitored",
         {
             **ab,
-            "monitor": {"histogram_every_n_steps": 50},
+            "monitor": {"histogram_every_n_steps": 50, "histogram_min_values": 1},
             "interleave": {"block": 50, "hist_every": 50, "epoch_steps": epoch_steps},
         },
         "none",
