@@ -219,7 +219,9 @@ def test_a_full_disk_is_one_line_naming_the_file(small_disk):
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     done = subprocess.run(
         [sys.executable, "-m", "gradwatch.train", f"paths.root={small_disk}", "print_every=0"]
-        + ["trainer.max_epochs=3000", "callbacks.checkpoint.every_n_train_steps=500"],
+        + ["trainer.max_epochs=3000", "callbacks.checkpoint.every_n_train_steps=500"]
+        # Histograms of every tensor: the event file grows fastest and fills the disk first.
+        + ["callbacks.gradient_monitor.histogram_min_values=1"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -238,3 +240,12 @@ def test_a_full_disk_is_one_line_naming_the_file(small_disk):
     step = check_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"]
     assert step > 0 and step % 500 == 0
     assert f"(step {step}) is whole: resume with ckpt_path={run_dir}" in out
+
+
+def test_a_failed_copy_into_the_run_names_the_runs_file(tmp_path):
+    # A checkpoint is written to a temporary file elsewhere, then copied into the run: shutil
+    # names the temporary source first and the run's file second.
+    target = tmp_path / "checkpoints" / "last.ckpt.tmp"
+    error = OSError(errno.ENOSPC, "No space left on device", "/tmp/tmpabc123", None, str(target))
+    message = describe_write_error(error, tmp_path)
+    assert message.startswith(f"cannot write {target}: No space left on device")

@@ -338,7 +338,7 @@ def merged_overrides(saved: list[str], resumed: list[str]) -> list[str]:
 def describe_write_error(error: OSError, run_dir: str | Path) -> str:
     """One line for a write that failed during training (disk full, read-only folder): which
     file, why, and whether the run's last checkpoint is still whole to resume from."""
-    message = f"cannot write {failed_file(error) or run_dir}: {error.strerror or error}"
+    message = f"cannot write {failed_file(error, run_dir) or run_dir}: {error.strerror or error}"
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         message += " (the disk is full)"
     elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
@@ -353,20 +353,29 @@ def describe_write_error(error: OSError, run_dir: str | Path) -> str:
     return message + ". No checkpoint was written before: the run cannot be resumed"
 
 
-def failed_file(error: OSError) -> str | None:
-    """The file a failed write was writing. A write to an open file (TensorBoard's event file,
-    from its writer thread) raises without a filename: the deepest frame of the traceback that
-    holds one, as `filename` or `path`, names it."""
-    if error.filename:
-        return str(error.filename)
-    found, tb = None, error.__traceback__
+def failed_file(error: OSError, run_dir: str | Path) -> str | None:
+    """The run's file that a failed write was writing. The error's own file names are not always
+    it: a checkpoint is written to a temporary file elsewhere and copied into place (shutil names
+    the source first, the run's file second), and a write to an open file (TensorBoard's event
+    file, from its writer thread) names none. So: the last path inside the run directory among
+    the error's file names and, deepest last, the `filename`, `path` and `dst` of the frames of
+    its traceback; else the error's own file name."""
+    run_dir = Path(run_dir).absolute()
+    candidates = [error.filename, error.filename2]
+    tb = error.__traceback__
     while tb is not None:
-        for name in ("filename", "path"):
-            value = tb.tb_frame.f_locals.get(name)
-            if isinstance(value, str | bytes | os.PathLike):
-                found = os.fsdecode(value)
+        candidates += [tb.tb_frame.f_locals.get(name) for name in ("filename", "path", "dst")]
         tb = tb.tb_next
-    return found
+    inside = [
+        str(path)
+        for path in (Path(os.fsdecode(c)).absolute() for c in candidates if _is_path(c))
+        if path.is_relative_to(run_dir)
+    ]
+    return inside[-1] if inside else (str(error.filename) if error.filename else None)
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, str | bytes | os.PathLike) and bool(value)
 
 
 class RunLock:
