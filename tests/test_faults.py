@@ -13,9 +13,10 @@ import pytest
 import torch
 from conftest import ROOT, compose_config
 
-from gradwatch.resume import check_checkpoint, describe_write_error, resolve_checkpoint
+from gradwatch.resume import check_checkpoint, resolve_checkpoint
 from gradwatch.train import train
 from gradwatch.validate import ConfigError
+from gradwatch.write_errors import describe_write_error
 
 
 @pytest.fixture(scope="module")

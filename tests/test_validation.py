@@ -19,8 +19,8 @@ import torch
 from conftest import ROOT, compose_config
 
 from gradwatch.preflight import check_config
-from gradwatch.resume import describe_write_error
 from gradwatch.validate import ConfigError, writable_problem
+from gradwatch.write_errors import describe_write_error
 
 HOOK = "++hydra.callbacks.check_before_run._target_=gradwatch.preflight.CheckBeforeRun"
 

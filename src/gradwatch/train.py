@@ -43,10 +43,11 @@ from gradwatch.monitor import GradientMonitor
 from gradwatch.overhead import NoProfiler, apply_speedups
 from gradwatch.preflight import check_config
 from gradwatch.report import save_grad_flow
-from gradwatch.resume import RunComplete, describe_write_error, merged_overrides
+from gradwatch.resume import RunComplete, merged_overrides
 from gradwatch.summary import RunSummary
 from gradwatch.sweep import FAILED_FILE
 from gradwatch.validate import ConfigError
+from gradwatch.write_errors import describe_write_error
 
 log = logging.getLogger("gradwatch")
 
