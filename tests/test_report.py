@@ -60,10 +60,24 @@ def fixture_hist(layer: str, param: str, step: int, kind: str) -> tuple[float, f
     return lo, hi, limits, counts
 
 
-def write_fixture_run(run_dir: Path, seed: int = 1, overrides: list[str] | None = None) -> dict:
-    """A run directory with event files, overrides.yaml and hparams, as a gradwatch run has."""
+ALERT = {"step": 50, "kind": "vanishing", "layers": ["fc1"], "message": "vanishing gradients"}
+
+
+def write_fixture_run(
+    run_dir: Path,
+    seed: int = 1,
+    overrides: list[str] | None = None,
+    final: dict[str, float] | None = None,
+    zero_from: int | None = None,
+) -> dict:
+    """A run directory with event files, overrides.yaml, hparams and gradients.json, as a
+    gradwatch run has; `final`: the `final/*` tags of a finished run (RunSummary's);
+    `zero_from`: train/loss and grad_norm/fc2 exactly 0 from that step on."""
     run_dir.mkdir(parents=True, exist_ok=True)
     values = fixture_values(seed)
+    if zero_from is not None:
+        for tag in ("train/loss", "grad_norm/fc2"):
+            values[tag].update({s: 0.0 for s in STEPS if s >= zero_from})
     writer = SummaryWriter(log_dir=str(run_dir))
     for step in STEPS:
         for tag, by_step in values.items():
@@ -84,13 +98,16 @@ def write_fixture_run(run_dir: Path, seed: int = 1, overrides: list[str] | None 
                             bucket_counts=counts,
                             global_step=step,
                         )
-    writer.add_text("alerts", "**vanishing**: vanishing gradients at step 50: fc1", 50)
+    writer.add_text("alerts", "**vanishing**: vanishing gradients at step 50: `fc1`", 50)
+    for key, value in (final or {}).items():
+        writer.add_scalar("final/" + key.replace("/", "_"), value, STEPS[-1])
     # As Lightning's TensorBoardLogger.log_hyperparams does: into the run's own event file.
     for summary in hparams({"optimizer": "sgd", "lr": 0.01 * seed}, {"hp/final_loss": 0.0}):
         writer.file_writer.add_summary(summary)
     writer.close()
     overrides = overrides if overrides is not None else [f"seed={seed}", "paths.root=/tmp/x"]
     (run_dir / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (run_dir / "gradients.json").write_text(json.dumps({"alerts": [ALERT]}))
     return values
 
 
@@ -145,7 +162,14 @@ def test_tables_and_plots_match_written_values(tmp_path, capsys):
     assert summary["tags"]["train/acc"] == f32(values["train/acc"][STEPS[-1]])
     assert summary["alerts"] == {"vanishing": 1}
     assert summary["hparams"] == {"optimizer": "sgd", "lr": pytest.approx(0.01)}
-    assert "alert at step 50: **vanishing**" in out
+    # Alerts as plain text: TensorBoard's Markdown marks are not printed.
+    assert "alert at step 50: vanishing: vanishing gradients at step 50: fc1\n" in out
+    assert "*" not in out and "`" not in out
+    # The hyperparameters as a table, every key of the one run, not a dict dump.
+    assert (
+        "Hyperparameters:\nhyperparameter  value\nlr              0.01\noptimizer       sgd\n"
+        in out
+    )
 
     names = {Path(p).name for p in data["plots"]}
     assert names == {
@@ -373,7 +397,8 @@ def test_one_unreadable_run_of_several_is_named_and_the_others_reported(tmp_path
     err = one_line(capsys.readouterr().err)
     assert str(event_file(sweep / "seed=2")) in err
     data = json.loads((sweep / "report" / "report.json").read_text())
-    assert [r["label"] for r in data["runs"]] == ["seed=1", "seed=3"]
+    # Ranked: seed=3's loss is the lower.
+    assert [r["label"] for r in data["runs"]] == ["seed=3", "seed=1"]
 
 
 @pytest.mark.parametrize(

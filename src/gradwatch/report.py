@@ -5,20 +5,26 @@
     gradwatch-report RUN_A RUN_B --out cmp --layers fc1   # two runs, histograms of fc1
 
 Event files are read with TensorBoard's own `EventAccumulator`, so the report shows exactly what
-TensorBoard shows. Tags read: `*/loss` (loss curves), `grad_norm/<layer>`,
-`grad_norm/<layer>.<param>`, `grad_norm/total`, `weight_norm/<layer>.<param>`,
-`update_ratio/<layer>`, histograms `grad_hist/<layer>.<param>` and `weight_hist/<layer>.<param>`,
-`alerts` text and the HParams plugin's hyperparameters.
+TensorBoard shows. Tags read: `*/loss` (loss curves), `final/*` (the final metrics),
+`grad_norm/<layer>`, `grad_norm/<layer>.<param>`, `grad_norm/total`,
+`weight_norm/<layer>.<param>`, `update_ratio/<layer>`, histograms `grad_hist/<layer>.<param>` and
+`weight_hist/<layer>.<param>`, `alerts` text and the HParams plugin's hyperparameters; and the
+run's `gradients.json`, whose alerts name their layers (marked on the plots).
 
-Plots written: `loss.png`, `grad_norms.png`, `grad_flow_bars.png` (the monitor's
-own `grad_flow.png` in the run directory is another plot), `hist_<layer>.png` per chosen layer,
-`scalars.png` for `--tags`; and `report.json` with every number the tables print.
+Printed: per run, its layer table and its alerts (plain text); then the hyperparameters as a
+table (the keys that differ between the runs; every key of a single run); then the runs ranked
+by final loss, as `sweep_results.md` ranks a sweep's jobs, with the same numbers.
 
-Runs are found and read in `gradwatch.report_runs`; this module draws and prints. Bad input is
-one line on stderr, never a traceback: exit status 2 for bad arguments (nothing written), 1 for
-a file that cannot be read (an event file that is garbage or cut short, a folder that cannot be
-listed: the other runs are still reported) or written. A bad `overrides.yaml` only costs the
-run its label: a warning, exit status 0.
+Plots written (drawn in `gradwatch.report_plots`): `loss.png`, `grad_norms.png`,
+`grad_flow_bars.png` (the monitor's own `grad_flow.png` in the run directory is another plot),
+`hist_<layer>.png` per chosen layer, `scalars.png` for `--tags`; and `report.json` with every
+number the tables print.
+
+Runs are found and read in `gradwatch.report_runs`. Bad input is one line on stderr, never a
+traceback: exit status 2 for bad arguments (nothing written), 1 for a file that cannot be read
+(an event file that is garbage or cut short, a folder that cannot be listed: the other runs are
+still reported) or written. A bad `overrides.yaml` or `gradients.json` only costs the run its
+label or its alert marks: a warning, exit status 0.
 """
 
 import argparse
@@ -32,9 +38,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from gradwatch.layers import layer_of
+from gradwatch.report_plots import (
+    HIST_KINDS,
+    grad_flow_bars_figure,
+    grad_norms_figure,
+    histogram_file_name,
+    histogram_grid,
+    histograms_figure,
+    loss_figure,
+    save_figure,
+    save_grad_flow,
+    tags_figure,
+)
 from gradwatch.report_runs import (
     DataError,
     Problems,
@@ -42,72 +58,22 @@ from gradwatch.report_runs import (
     Run,
     find_runs,
     label_runs,
+    last_value,
+    layer_series,
+    layer_table,
     load_run,
 )
 
-HIST_KINDS = ("grad_hist", "weight_hist")
-GRID_BINS = 80
+# Drawn in report_plots, imported from here by gradwatch.train and older callers.
+__all__ = ["histogram_grid", "main", "report", "save_grad_flow"]
+
+# sweep_results.md's columns (gradwatch.sweep.format_table), then validation where a run has it.
+FINAL_KEYS = ("train/loss", "train/acc", "grad_norm/total", "val/loss", "val/acc")
 
 
 # ------------------------------------------------------------------------------------------------
-# Layers and tables
+# Per-run tables
 # ------------------------------------------------------------------------------------------------
-
-
-def _family(run: Run, family: str) -> dict[str, tuple[list[int], list[float]]]:
-    prefix = family + "/"
-    return {t[len(prefix) :]: v for t, v in run.scalars.items() if t.startswith(prefix)}
-
-
-def layer_series(run: Run) -> dict[str, tuple[list[int], list[float]]]:
-    """`grad_norm/<layer>` per layer (`total` excluded); from the parameters' norms if only those
-    were logged. A tag is a parameter when its name minus the last `.part` is also a tag."""
-    norms = {k: v for k, v in _family(run, "grad_norm").items() if not k.startswith("total")}
-    layers = {k: v for k, v in norms.items() if not (layer_of(k) != k and layer_of(k) in norms)}
-    if layers:
-        return layers
-    out: dict[str, tuple[list[int], list[float]]] = {}
-    groups: dict[str, list[str]] = {}
-    for name in norms:
-        groups.setdefault(layer_of(name), []).append(name)
-    for lay, names in groups.items():
-        steps = norms[names[0]][0]
-        squares = np.sum([np.square(norms[n][1], dtype=np.float64) for n in names], axis=0)
-        out[lay] = (steps, np.sqrt(squares).tolist())
-    return out
-
-
-def _last(series: tuple[list[int], list[float]] | None) -> float | None:
-    return series[1][-1] if series and series[1] else None
-
-
-def layer_table(run: Run) -> dict[str, dict[str, float | None]]:
-    """Per layer (and `total`): first/last/min/max gradient norm, last update ratio, last weight
-    norm (the L2 norm of all the layer's parameters together)."""
-    rows: dict[str, dict[str, float | None]] = {}
-    series = layer_series(run)
-    total = run.scalars.get("grad_norm/total")
-    if total:
-        series = {**series, "total": total}
-    ratios = _family(run, "update_ratio")
-    weights = _family(run, "weight_norm")
-    for lay, (_, values) in series.items():
-        finite = [v for v in values if math.isfinite(v)]
-        if lay == "total":
-            params = list(weights)
-        else:
-            params = [n for n in weights if n == lay or layer_of(n) == lay]
-        lasts = [_last(weights[n]) for n in params]
-        rows[lay] = {
-            "first": values[0] if values else None,
-            "last": values[-1] if values else None,
-            "min": min(finite) if finite else None,
-            "max": max(finite) if finite else None,
-            "mean": float(np.mean(finite)) if finite else None,
-            "update_ratio": _last(ratios.get(lay)),
-            "weight_norm": math.sqrt(sum(v * v for v in lasts)) if params else None,
-        }
-    return rows
 
 
 def _fmt(value: Any, width: int = 12) -> str:
@@ -128,296 +94,140 @@ def format_layer_table(rows: dict[str, dict[str, float | None]]) -> str:
     return "\n".join(lines)
 
 
-def loss_tags(run: Run) -> list[str]:
-    return sorted(t for t in run.scalars if t == "loss" or t.endswith("/loss"))
+def plain_text(markdown: str) -> str:
+    """An alert as a terminal shows it. TensorBoard's Text tab renders Markdown, so the monitor
+    writes `**kind**: message`; printed here, the emphasis marks and code ticks are dropped."""
+    text = re.sub(r"(\*\*|__)(.+?)\1", r"\2", markdown)
+    text = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"\1", text)
+    return text.replace("`", "")
 
 
-def run_summary(run: Run) -> dict[str, Any]:
-    """One row of the runs table: final loss and accuracy, final total norm, alerts by kind."""
+def alert_kinds(run: Run) -> dict[str, int]:
+    """How many alerts of each kind, in the order they first fired (as metrics.json counts
+    them, so as sweep_results.md prints them)."""
     kinds: dict[str, int] = {}
     for _, text in run.alerts:
         match = re.match(r"\*\*(\w[\w ]*)\*\*", text)
         kind = match.group(1) if match else "alert"
         kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
+# ------------------------------------------------------------------------------------------------
+# The runs table, ranked as sweep_results.md
+# ------------------------------------------------------------------------------------------------
+
+
+def final_values(run: Run) -> tuple[dict[str, float | None], bool]:
+    """(values, finished). A finished run's final metrics are metrics.json's, which RunSummary
+    also writes as `final/<key>` tags (`final/train_loss`), computed on the whole training set
+    after the last step: what sweep_results.md shows. metrics.json's values are float32 results
+    (`.item()` of float32 tensors), so TensorBoard's float32 copy of them is exact. A run that
+    did not finish (interrupted, killed, still training) has no `final/` tags: its last logged
+    values stand in."""
+    finished = "final/train_loss" in run.scalars
+    values = {}
+    for key in FINAL_KEYS:
+        tag = "final/" + key.replace("/", "_") if finished else key
+        values[key] = last_value(run.scalars.get(tag))
+    return values, finished
+
+
+def run_summary(run: Run) -> dict[str, Any]:
+    """One row of the runs table: final loss, accuracy and total norm, alerts by kind."""
     steps = sorted({s for steps, _ in run.scalars.values() for s in steps})
+    final, finished = final_values(run)
     return {
         "label": run.label,
         "path": str(run.path),
         "steps": [steps[0], steps[-1]] if steps else None,
-        "final": {t: _last(run.scalars.get(t)) for t in (*loss_tags(run), "train/acc", "val/acc")}
-        | {"grad_norm/total": _last(run.scalars.get("grad_norm/total"))},
-        "alerts": kinds,
+        "finished": finished,
+        "final": final,
+        "alerts": alert_kinds(run),
+        "monitored": any(t.startswith("grad_norm/") for t in run.scalars),
         "hparams": run.hparams,
     }
 
 
+def rank_key(summary: dict[str, Any]) -> tuple:
+    """sweep_results.md's order (gradwatch.sweep.collect_jobs): finished runs first, lowest final
+    train/loss first, ties in folder-name order. Then what the sweep has no row for: a loss of
+    NaN, and runs that did not finish, ranked by their last logged loss."""
+    loss = summary["final"]["train/loss"]
+    unknown = loss is None or math.isnan(loss)
+    return (not summary["finished"], unknown, 0.0 if unknown else loss, Path(summary["path"]).name)
+
+
+def aligned(rows: list[list[str]], right: set[int]) -> str:
+    """Rows of cells in columns two spaces apart, the columns numbered in `right` right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6g}"  # sweep_results.md's format
+
+
 def format_runs_table(summaries: list[dict[str, Any]]) -> str:
-    keys = sorted({k for s in summaries for k, v in s["final"].items() if v is not None})
-    # Long override lists are cut in the table; the run's own header above shows them whole.
-    labels = [s["label"] if len(s["label"]) <= 48 else s["label"][:47] + "~" for s in summaries]
-    width = max([len("run"), *(len(label) for label in labels)]) + 2
-    cols = [max(12, len(k) + 2) for k in keys]
-    lines = [
-        f"{'run':<{width}}"
-        + "".join(f"{k:>{w}}" for k, w in zip(keys, cols, strict=True))
-        + "  alerts"
-    ]
-    for s, label in zip(summaries, labels, strict=True):
-        alerts = ", ".join(f"{k} x{n}" for k, n in s["alerts"].items()) or "-"
-        cells = "".join(_fmt(s["final"].get(k), w) for k, w in zip(keys, cols, strict=True))
-        lines.append(f"{label:<{width}}{cells}  {alerts}")
+    """The ranked runs (already in rank order), sweep_results.md's columns and number format,
+    and a note under the table for runs whose values are not final metrics."""
+    keys = [k for k in FINAL_KEYS if any(s["final"][k] is not None for s in summaries)]
+    rows = [["rank", "run", *keys, "alerts"]]
+    for rank, s in enumerate(summaries, 1):
+        alerts = ", ".join(f"{k} x{n}" for k, n in s["alerts"].items())
+        alerts = alerts or ("none" if s["monitored"] else "-")
+        rows.append([str(rank), s["label"], *(_cell(s["final"][k]) for k in keys), alerts])
+    lines = [aligned(rows, right={0, *range(2, 2 + len(keys))})]  # rank and numbers
+    unfinished = [str(rank) for rank, s in enumerate(summaries, 1) if not s["finished"]]
+    if unfinished:
+        lines.append(
+            f"rank {', '.join(unfinished)}: no final metrics (the run did not finish): the last"
+            " logged values, ranked after the finished runs"
+        )
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
-# Plots (matplotlib's object API on the Agg canvas: no display, no pyplot global state)
+# The hyperparameters table
 # ------------------------------------------------------------------------------------------------
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+def _hparam(value: Any) -> str:
+    """As the config wrote it: the HParams plugin keeps every number as a float (1000.0)."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else f"{value:g}"
+    return str(value)
 
 
-def _positive(values: Sequence[float]) -> list[float]:
-    # Log axes: zeros and non-finite values become gaps rather than errors.
-    return [v if math.isfinite(v) and v > 0 else math.nan for v in values]
-
-
-def _colors(n: int) -> list:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-
-
-def plot_loss(runs: list[Run], out: Path) -> Path | None:
-    if not any(loss_tags(r) for r in runs):
-        return None
-    fig = _figure(8, 4.5)
-    ax = fig.add_subplot()
-    styles = ["-", "--", ":", "-."]
-    # Log scale unless a loss goes negative; a loss of exactly 0 (XOR solved) is left as a gap.
-    log = all(v >= 0 for r in runs for t in loss_tags(r) for v in r.scalars[t][1])
-    for run, color in zip(runs, _colors(len(runs)), strict=True):
-        for i, tag in enumerate(loss_tags(run)):
-            steps, values = run.scalars[tag]
-            label = tag if len(runs) == 1 else f"{run.label} {tag}"
-            ax.plot(
-                steps, _positive(values) if log else values, styles[i % 4], color=color, label=label
-            )
-    if log:
-        ax.set_yscale("log")
-    ax.set(xlabel="step", ylabel="loss", title="Loss")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
-    return _save(fig, out / "loss.png")
-
-
-def plot_grad_norms(runs: list[Run], out: Path) -> Path | None:
-    """One run: every layer on one axis. Several: one panel per layer, the runs overlaid."""
-    series = {id(r): layer_series(r) for r in runs}
-    for r in runs:
-        if "grad_norm/total" in r.scalars:
-            series[id(r)]["total"] = r.scalars["grad_norm/total"]
-    layers = list(dict.fromkeys(lay for s in series.values() for lay in s))
-    if not layers:
+def hparams_table(runs: list[Run]) -> str | None:
+    """One run: every hyperparameter, a row each. Several: a row per run (in rank order) and a
+    column per hyperparameter that differs between them. None if no run has any."""
+    keys = sorted({k for r in runs for k in r.hparams})
+    if not keys:
         return None
     if len(runs) == 1:
-        fig = _figure(8, 4.5)
-        ax = fig.add_subplot()
-        _plot_layers(ax, series[id(runs[0])])
-        axes = [ax]
-        ax.set_title("Gradient L2 norm per layer")
-    else:
-        ncols = min(2, len(layers))
-        nrows = math.ceil(len(layers) / ncols)
-        fig = _figure(6 * ncols, 3.2 * nrows)
-        axes = [fig.add_subplot(nrows, ncols, i + 1) for i in range(len(layers))]
-        for ax, lay in zip(axes, layers, strict=True):
-            for run, color in zip(runs, _colors(len(runs)), strict=True):
-                if lay in series[id(run)]:
-                    steps, values = series[id(run)][lay]
-                    ax.plot(steps, _positive(values), color=color, label=run.label)
-            ax.set_title(f"grad_norm/{lay}")
-    for ax in axes:
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel("gradient L2 norm")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize="small")
-    return _save(fig, out / "grad_norms.png")
-
-
-def _plot_layers(ax, series: dict[str, tuple[list[int], list[float]]]) -> None:
-    """Every layer's series on one log axis, a colour each; totals dashed black."""
-    layers = [lay for lay in series if not lay.startswith("total")]
-    for lay, color in zip(layers, _colors(len(layers)), strict=True):
-        ax.plot(*_gaps(series[lay]), "-", color=color, label=lay)
-    for key in (k for k in series if k.startswith("total")):
-        ax.plot(*_gaps(series[key]), "k--", label=key)
-
-
-def _gaps(points: tuple[list[int], list[float]]) -> tuple[list[int], list[float]]:
-    steps, values = points
-    return steps, _positive(values)
-
-
-def save_grad_flow(history: dict[str, Any], path: str | Path) -> Path | None:
-    """``grad_flow.png`` from a monitor's history (:attr:`GradientMonitor.history`): every layer's
-    gradient L2 norm over the steps, the total dashed, log scale. None if nothing was logged."""
-    steps = history["step"]
-    if not steps:
-        return None
-    series = {lay: (steps, v) for lay, v in {**history["layers"], **history["totals"]}.items()}
-    fig = _figure(8, 5)
-    ax = fig.add_subplot()
-    _plot_layers(ax, series)
-    ax.set_yscale("log")
-    ax.set(
-        xlabel="step", ylabel="gradient L2 norm", title="Gradient flow: per-layer gradient norms"
-    )
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
-    return _save(fig, Path(path))
-
-
-def plot_grad_flow(runs: list[Run], out: Path) -> Path | None:
-    """Gradient flow: one bar per layer (mean norm over the run), whiskers from min to max."""
-    tables = [{k: v for k, v in layer_table(r).items() if k != "total"} for r in runs]
-    layers = list(dict.fromkeys(lay for t in tables for lay in t))
-    if not layers:
-        return None
-    fig = _figure(max(6, 1.2 * len(layers) * max(1, len(runs) / 2)), 4.5)
-    ax = fig.add_subplot()
-    width = 0.8 / len(runs)
-    x = np.arange(len(layers))
-    for i, (run, table, color) in enumerate(zip(runs, tables, _colors(len(runs)), strict=True)):
-        rows = [table.get(lay) or {} for lay in layers]
-        mean = np.array([r.get("mean") or math.nan for r in rows])
-        low = np.array([r.get("min") or math.nan for r in rows])
-        high = np.array([r.get("max") or math.nan for r in rows])
-        pos = x - 0.4 + width * (i + 0.5)
-        ax.bar(pos, mean, width, color=color, label=run.label)
-        ax.errorbar(pos, mean, yerr=[mean - low, high - mean], fmt="none", ecolor="k", lw=1)
-    ax.set_xticks(x, layers)
-    ax.set_yscale("log")
-    ax.set(xlabel="layer (input to output)", ylabel="gradient L2 norm (mean; min-max)")
-    ax.set_title("Gradient flow per layer")
-    ax.grid(True, axis="y", which="both", alpha=0.3)
-    if len(runs) > 1:
-        ax.legend(fontsize="small")
-    return _save(fig, out / "grad_flow_bars.png")
-
-
-def histogram_grid(
-    rows: list[tuple[int, list[float], list[float], list[float]]], bins: int = GRID_BINS
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every step's histogram spread onto one value grid: (steps, grid edges, counts[step, bin])."""
-    lows = [min(left[0], *right) for _, left, right, _ in rows if right]
-    highs = [max(right) for _, _, right, _ in rows if right]
-    lo, hi = (min(lows), max(highs)) if lows else (0.0, 1.0)
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    edges = np.linspace(lo, hi, bins + 1)
-    grid = np.zeros((len(rows), bins))
-    for i, (_, left, right, counts) in enumerate(rows):
-        left_a, right_a, counts_a = np.array(left), np.array(right), np.array(counts)
-        # Each bucket's count spread evenly over its width; a zero-width bucket lands in one bin.
-        overlap = np.clip(
-            np.minimum(right_a[:, None], edges[None, 1:])
-            - np.maximum(left_a[:, None], edges[None, :-1]),
-            0,
-            None,
+        (run,) = runs
+        return aligned(
+            [["hyperparameter", "value"]] + [[k, _hparam(run.hparams[k])] for k in keys], set()
         )
-        widths = right_a - left_a
-        spread = np.where(
-            widths[:, None] > 0, overlap / np.where(widths > 0, widths, 1)[:, None], 0
-        )
-        grid[i] = counts_a @ spread
-        for c, r, w in zip(counts_a, right_a, widths, strict=True):
-            if w <= 0 and c:
-                grid[i, min(bins - 1, max(0, np.searchsorted(edges, r, side="right") - 1))] += c
-    return np.array([r[0] for r in rows]), edges, grid
-
-
-def plot_histograms(runs: list[Run], layer: str, out: Path) -> Path | None:
-    """Histograms over time for one layer: a heatmap per run and per (kind, parameter)."""
-
-    def tags_of(run: Run) -> list[str]:
-        return [
-            t
-            for kind in HIST_KINDS
-            for t in sorted(run.histograms, key=lambda t: (not t.endswith(".weight"), t))
-            if t.startswith(kind + "/") and layer_of(t[len(kind) + 1 :]) == layer
-        ]
-
-    columns = list(dict.fromkeys(t for r in runs for t in tags_of(r)))
-    if not columns:
-        return None
-    fig = _figure(3.6 * len(columns), 2.8 * len(runs) + 0.4)
-    for i, run in enumerate(runs):
-        for j, tag in enumerate(columns):
-            ax = fig.add_subplot(len(runs), len(columns), i * len(columns) + j + 1)
-            rows = run.histograms.get(tag)
-            if not rows:
-                ax.set_axis_off()
-                continue
-            steps, edges, grid = histogram_grid(rows)
-            x = _cell_edges(steps)
-            ax.pcolormesh(x, edges, np.log1p(grid.T), cmap="magma", shading="flat")
-            title = tag if len(runs) == 1 else f"{run.label}\n{tag}"
-            ax.set_title(title, fontsize="small")
-            ax.set_xlabel("step", fontsize="small")
-            ax.tick_params(labelsize="x-small")
-    fig.suptitle(
-        f"Histograms over steps, layer {layer} (colour: log(1 + count))", fontsize="medium"
-    )
-    return _save(fig, out / f"hist_{_safe(layer)}.png")
-
-
-def _cell_edges(steps: np.ndarray) -> np.ndarray:
-    if len(steps) == 1:
-        return np.array([steps[0] - 0.5, steps[0] + 0.5])
-    mids = (steps[1:] + steps[:-1]) / 2
-    return np.concatenate([[2 * steps[0] - mids[0]], mids, [2 * steps[-1] - mids[-1]]])
-
-
-def match_tags(runs: list[Run], patterns: Sequence[str]) -> list[str]:
-    tags = sorted({t for r in runs for t in r.scalars})
-    return [t for t in tags if any(fnmatch.fnmatchcase(t, p) for p in patterns)]
-
-
-def plot_tags(runs: list[Run], tags: list[str], out: Path) -> Path | None:
-    if not tags:
-        return None
-    ncols = min(2, len(tags))
-    nrows = math.ceil(len(tags) / ncols)
-    fig = _figure(6 * ncols, 3.2 * nrows)
-    for k, tag in enumerate(tags):
-        ax = fig.add_subplot(nrows, ncols, k + 1)
-        for run, color in zip(runs, _colors(len(runs)), strict=True):
-            if tag in run.scalars:
-                ax.plot(*run.scalars[tag], color=color, label=run.label)
-        ax.set(title=tag, xlabel="step")
-        ax.grid(True, alpha=0.3)
-        if k == 0 and len(runs) > 1:
-            ax.legend(fontsize="small")
-    return _save(fig, out / "scalars.png")
+    differ = [k for k in keys if len({_hparam(r.hparams.get(k)) for r in runs}) > 1]
+    if not differ:
+        return f"the same {len(keys)} hyperparameters in every run"
+    rows = [["rank", "run", *differ]]
+    rows += [
+        [str(rank), r.label, *(_hparam(r.hparams.get(k)) for k in differ)]
+        for rank, r in enumerate(runs, 1)
+    ]
+    return aligned(rows, right={0})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -457,6 +267,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def match_tags(runs: list[Run], patterns: Sequence[str]) -> list[str]:
+    """The scalar tags of any run that `--tags` names, globs matched as fnmatch does."""
+    tags = sorted({t for r in runs for t in r.scalars})
+    return [t for t in tags if any(fnmatch.fnmatchcase(t, p) for p in patterns)]
+
+
 def _default_out(paths: list[Path]) -> Path:
     if len(paths) == 1:
         return paths[0] / "report"
@@ -482,6 +298,23 @@ def check_out(out: Path, given: bool) -> None:
 def say(kind: str, message: str) -> None:
     """One line on stderr whatever the message holds (a YAML problem, a path with a newline)."""
     print(f"gradwatch-report: {kind}: " + " ".join(message.splitlines()), file=sys.stderr)
+
+
+def print_run(run: Run, summary: dict[str, Any]) -> None:
+    """A run's section: where it is, its steps, its layer table, its extra tags, its alerts."""
+    print(f"== {run.label}  ({run.path})")
+    if summary["steps"]:
+        print(f"steps {summary['steps'][0]}..{summary['steps'][1]}")
+    if summary["layers"]:
+        print("Gradient norms (L2) per layer:")
+        print(format_layer_table(summary["layers"]))
+    else:
+        print("no grad_norm/* tags: was the gradient monitor on?")
+    for tag, value in summary["tags"].items():
+        print(f"{tag:<32}{_fmt(value)}")
+    for step, text in run.alerts:
+        print(f"alert at step {step}: {plain_text(text)}")
+    print()
 
 
 def report(
@@ -546,35 +379,37 @@ def report(
         raise ReportError(f"--tags {' '.join(tags)}: no scalar tag matches in these runs")
 
     out = out or _default_out(paths)
+    summaries = {id(run): run_summary(run) for run in runs}
+    # Every table, section and legend in rank order, best first.
+    runs.sort(key=lambda run: rank_key(summaries[id(run)]))
     for run in runs:
-        summary = run_summary(run)
+        summary = summaries[id(run)]
         summary["layers"] = layer_table(run)
-        summary["tags"] = {t: _last(run.scalars.get(t)) for t in extra}
+        summary["tags"] = {t: last_value(run.scalars.get(t)) for t in extra}
         result["runs"].append(summary)
-        print(f"== {run.label}  ({run.path})")
-        if summary["steps"]:
-            print(f"steps {summary['steps'][0]}..{summary['steps'][1]}")
-        if run.hparams:
-            print("hparams: " + ", ".join(f"{k}={v}" for k, v in sorted(run.hparams.items())))
-        if summary["layers"]:
-            print("Gradient norms (L2) per layer:")
-            print(format_layer_table(summary["layers"]))
-        else:
-            print("no grad_norm/* tags: was the gradient monitor on?")
-        for tag, value in summary["tags"].items():
-            print(f"{tag:<32}{_fmt(value)}")
-        for step, text in run.alerts:
-            print(f"alert at step {step}: {text}")
-        print()
-    print("Final values:")
+        print_run(run, summary)
+    table = hparams_table(runs)
+    if table:
+        print("Hyperparameters" + (" that differ:" if len(runs) > 1 else ":"))
+        print(table + "\n")
+    print("Runs ranked by final train/loss (as sweep_results.md ranks a sweep):")
     print(format_runs_table(result["runs"]))
 
     try:
         out.mkdir(parents=True, exist_ok=True)
-        plots = [plot_loss(runs, out), plot_grad_norms(runs, out), plot_grad_flow(runs, out)]
-        plots += [plot_histograms(runs, lay, out) for lay in (layers or hist_layers)]
-        plots.append(plot_tags(runs, extra, out))
-        result["plots"] = [str(p) for p in plots if p is not None]
+        figures = {
+            "loss.png": loss_figure(runs),
+            "grad_norms.png": grad_norms_figure(runs),
+            "grad_flow_bars.png": grad_flow_bars_figure(runs),
+            **{
+                histogram_file_name(lay): histograms_figure(runs, lay)
+                for lay in (layers or hist_layers)
+            },
+            "scalars.png": tags_figure(runs, extra),
+        }
+        result["plots"] = [
+            str(save_figure(fig, out / name)) for name, fig in figures.items() if fig is not None
+        ]
         (out / "report.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     except OSError as error:  # checked writable above; what is left is a full disk or a race
         raise DataError(

@@ -1,4 +1,5 @@
-"""Finding and reading the runs that `gradwatch-report` reports on (see `gradwatch.report`).
+"""Finding and reading the runs that `gradwatch-report` reports on (see `gradwatch.report`), and
+the per-layer views of a run that its tables and plots share.
 
 Every read of a run's file goes through `reading`, which turns an OSError or a parse error into
 one `DataError` line naming the file. What cannot be read is collected in `Problems` and said
@@ -6,6 +7,8 @@ in one line each: errors (data missing from the report, exit status 1) and warni
 legend labels fall back, exit status 0).
 """
 
+import json
+import math
 import os
 import stat
 import struct
@@ -16,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import google_crc32c
+import numpy as np
 import yaml
 from google.protobuf.message import DecodeError
 from tensorboard.backend.event_processing import event_accumulator as ea
 from tensorboard.compat.proto import event_pb2
+
+from gradwatch.layers import layer_of
 
 EVENT_PREFIX = "events.out.tfevents"
 # Everything for scalars, histograms and text (alerts, hparams); images and audio are not used.
@@ -54,8 +60,18 @@ class Problems:
 
 
 @dataclass
+class AlertMark:
+    """One alert of the monitor, as `gradients.json` records it: the layers it names (none for
+    an alert on the whole model: a stall, an exploding total)."""
+
+    step: int
+    kind: str
+    layers: list[str]
+
+
+@dataclass
 class Run:
-    """What one run's event files hold, as plain lists."""
+    """What one run's event files hold, as plain lists, and the alerts of its `gradients.json`."""
 
     path: Path
     label: str = ""
@@ -67,6 +83,9 @@ class Run:
     )
     alerts: list[tuple[int, str]] = field(default_factory=list)
     hparams: dict[str, Any] = field(default_factory=dict)
+    # The text tag says which layers an alert names only in prose; gradients.json says it as a
+    # list, so the plots mark alerted layers from here.
+    alert_marks: list[AlertMark] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,6 +188,31 @@ def read_overrides(run_dir: Path, problems: Problems) -> list[str]:
     return []
 
 
+def read_alert_marks(run_dir: Path, problems: Problems) -> list[AlertMark]:
+    """The alerts in the run's `gradients.json` (written at the end of training; none while a
+    run trains or after a hard kill). They only mark the plots, so a bad file is a warning."""
+    path = run_dir / "gradients.json"
+    try:
+        with reading(path):
+            if not path.is_file():
+                return []
+            text = path.read_text(encoding="utf-8")
+        return [_alert_mark(alert) for alert in json.loads(text)["alerts"]]
+    except DataError as error:  # a file the OS or UTF-8 refuses
+        problem = str(error)
+    except (ValueError, KeyError, TypeError) as error:  # not JSON, or not the monitor's shape
+        problem = f"{path}: not the monitor's gradients.json ({type(error).__name__}: {error})"
+    problems.warnings.append(f"{problem}; its alerts are not marked on the plots")
+    return []
+
+
+def _alert_mark(alert: dict[str, Any]) -> AlertMark:
+    layers = alert["layers"]
+    if not (isinstance(layers, list) and all(isinstance(lay, str) for lay in layers)):
+        raise TypeError(f"an alert's layers are {layers!r}, not a list of layer names")
+    return AlertMark(step=int(alert["step"]), kind=str(alert["kind"]), layers=layers)
+
+
 def _masked_crc32c(data: bytes) -> int:
     """TFRecord's masked CRC32C (as gradwatch.overhead, which imports Lightning; this does not)."""
     crc = google_crc32c.value(data)
@@ -266,6 +310,7 @@ def load_run(path: Path, problems: Problems) -> Run:
     none can be read; partly readable files and a bad overrides.yaml go into `problems`."""
     _check_event_files(path, problems)
     run = Run(path=path, overrides=read_overrides(path, problems))
+    run.alert_marks = read_alert_marks(path, problems)
     # The records passed their checksums, but one may still not be an Event (DecodeError).
     with reading(path):
         acc = ea.EventAccumulator(str(path), size_guidance=SIZE_GUIDANCE)
@@ -301,3 +346,74 @@ def label_runs(runs: list[Run]) -> None:
     ]
     for i, r in enumerate(runs):
         r.label = labels[i] if labels.count(labels[i]) == 1 else f"{labels[i]} ({r.path.name})"
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-layer views of a run: what the tables print and the plots draw
+# ------------------------------------------------------------------------------------------------
+
+
+def scalar_family(run: Run, family: str) -> dict[str, tuple[list[int], list[float]]]:
+    """`<family>/<name>` tags by name: `scalar_family(run, "update_ratio")["fc1"]`."""
+    prefix = family + "/"
+    return {t[len(prefix) :]: v for t, v in run.scalars.items() if t.startswith(prefix)}
+
+
+def layer_series(run: Run) -> dict[str, tuple[list[int], list[float]]]:
+    """`grad_norm/<layer>` per layer (`total` excluded); from the parameters' norms if only those
+    were logged. A tag is a parameter when its name minus the last `.part` is also a tag."""
+    norms = {k: v for k, v in scalar_family(run, "grad_norm").items() if not k.startswith("total")}
+    layers = {k: v for k, v in norms.items() if not (layer_of(k) != k and layer_of(k) in norms)}
+    if layers:
+        return layers
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    groups: dict[str, list[str]] = {}
+    for name in norms:
+        groups.setdefault(layer_of(name), []).append(name)
+    for lay, names in groups.items():
+        steps = norms[names[0]][0]
+        squares = np.sum([np.square(norms[n][1], dtype=np.float64) for n in names], axis=0)
+        out[lay] = (steps, np.sqrt(squares).tolist())
+    return out
+
+
+def last_value(series: tuple[list[int], list[float]] | None) -> float | None:
+    return series[1][-1] if series and series[1] else None
+
+
+def layer_table(run: Run) -> dict[str, dict[str, float | None]]:
+    """Per layer (and `total`): first/last/min/max/mean gradient norm, last update ratio, last
+    weight norm (the L2 norm of all the layer's parameters together)."""
+    rows: dict[str, dict[str, float | None]] = {}
+    series = layer_series(run)
+    total = run.scalars.get("grad_norm/total")
+    if total:
+        series = {**series, "total": total}
+    ratios = scalar_family(run, "update_ratio")
+    weights = scalar_family(run, "weight_norm")
+    for lay, (_, values) in series.items():
+        finite = [v for v in values if math.isfinite(v)]
+        if lay == "total":
+            params = list(weights)
+        else:
+            params = [n for n in weights if n == lay or layer_of(n) == lay]
+        lasts = [last_value(weights[n]) for n in params]
+        rows[lay] = {
+            "first": values[0] if values else None,
+            "last": values[-1] if values else None,
+            "min": min(finite) if finite else None,
+            "max": max(finite) if finite else None,
+            "mean": float(np.mean(finite)) if finite else None,
+            "update_ratio": last_value(ratios.get(lay)),
+            "weight_norm": math.sqrt(sum(v * v for v in lasts)) if params else None,
+        }
+    return rows
+
+
+def loss_tags(run: Run) -> list[str]:
+    return sorted(t for t in run.scalars if t == "loss" or t.endswith("/loss"))
+
+
+def alerts_on(run: Run, layer: str) -> list[AlertMark]:
+    """The run's alerts that name `layer`; an alert naming no layer is on `total`."""
+    return [a for a in run.alert_marks if layer in (a.layers or ["total"])]
