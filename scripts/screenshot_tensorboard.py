@@ -1,6 +1,8 @@
-"""Serve a log directory with TensorBoard on 127.0.0.1 and screenshot its gradient-norm charts.
+"""Serve run directories the way `make tensorboard` does, open the page it prints in headless
+Chromium at 1280x800, wait until gradwatch's charts are drawn and save a screenshot.
 
-    python scripts/screenshot_tensorboard.py outputs docs/img/tensorboard_grad_norms.png
+    python scripts/screenshot_tensorboard.py outputs docs/img/tensorboard_first_screen.png
+    python scripts/screenshot_tensorboard.py outputs docs/img/x.png --runs vanishing
 
 Needs Chromium (`apt-get install chromium`) and `pip install playwright`; Playwright drives the
 system browser (`--chromium`, default /usr/bin/chromium), it downloads none.
@@ -18,6 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 CHROMIUM = Path(os.environ.get("GRADWATCH_CHROMIUM", "/usr/bin/chromium"))
@@ -30,7 +33,8 @@ def free_port() -> int:
 
 
 class TensorBoard:
-    """`tensorboard --logdir logdir` on a free local port, in its own process group."""
+    """`make tensorboard`'s server (`python -m gradwatch.board`) over `logdir` on a free local
+    port, in its own process group; `page()` is the address it prints."""
 
     def __init__(self, logdir: Path, log_path: Path) -> None:
         self.port = free_port()
@@ -40,12 +44,24 @@ class TensorBoard:
         # Its own process group: TensorBoard starts its Rust data server as a child, and stop()
         # must reach that one too.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir)]
+            [sys.executable, "-m", "gradwatch.board", "--logdir", str(logdir)]
             + ["--host", "127.0.0.1", "--port", str(self.port), "--reload_interval", "1"],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+    def page(self, timeout_s: float = 60) -> str:
+        """The address in the server's one line: "TensorBoard 2.21.0 at <url> (Press CTRL+C...)"."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = re.search(r" at (http://\S+) \(Press CTRL\+C", self.output())
+            if found:
+                return found.group(1)
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise RuntimeError(f"no address printed after {timeout_s}s: {self.output()}")
 
     def get(self, route: str, **params: str):
         """JSON from the server's data API, e.g. get("/data/plugin/scalars/tags")."""
@@ -89,74 +105,89 @@ class TensorBoard:
         self._log.close()
 
 
-def screenshot_grad_norms(
-    url: str,
-    path: Path,
-    expected_tags: set[str],
-    tag_filter: str = "grad_norm/",
-    log_scale: bool = True,
+@dataclass
+class Chart:
+    """One chart of the page as drawn: its title, where it is, the lines it holds by name
+    ("<tag> (<run>)") and how many of them are drawn."""
+
+    title: str
+    box: dict[str, float]  # x, y, width, height in the page's pixels
+    series: list[str]
+    lines_drawn: int
+
+    def in_view(self, width: int, height: int) -> bool:
+        b = self.box
+        return (
+            b["x"] >= 0
+            and b["y"] >= 0
+            and b["x"] + b["width"] <= width
+            and (b["y"] + b["height"] <= height)
+        )
+
+
+VIEWPORT = {"width": 1280, "height": 800}
+
+
+def first_screen(
+    page_url: str,
+    png: Path,
+    expected_lines: dict[str, int],
+    runs: str = "",
     timeout_s: float = 60,
     chromium: Path = CHROMIUM,
-) -> list[str]:
-    """Open the scalars dashboard filtered to `tag_filter` (a regex), wait until there is a chart
-    for every one of `expected_tags`, set the charts' y axes to log scale and save a screenshot.
-    Returns the tags of the charts the filter shows."""
+) -> list[Chart]:
+    """Open `page_url` at 1280x800 without touching the page (`runs`: a regex in the run
+    filter, as typed), wait until each chart titled in `expected_lines` draws at least that many
+    lines, screenshot the viewport into `png` and return every chart of the page."""
     from playwright.sync_api import sync_playwright
 
-    pattern = re.compile(tag_filter)
+    if runs:
+        page_url += "&regexInput=" + urllib.parse.quote(runs)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(chromium), headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1300})
-            query = urllib.parse.quote(tag_filter, safe="/")
-            page.goto(
-                f"{url}/?darkMode=false#scalars&tagFilter={query}&_smoothingWeight=0",
-                timeout=timeout_s * 1000,
-            )
-            # Playwright's CSS selectors pierce TensorBoard's shadow DOM. The matching charts come
-            # first; every other section follows below them.
-            cards = page.locator("tf-scalar-card")
+            page = browser.new_page(viewport=VIEWPORT)
+            page.goto(page_url, timeout=timeout_s * 1000)
+            # Playwright's CSS selectors pierce TensorBoard's shadow DOM.
+            cards = page.locator("tf-custom-scalar-multi-line-chart-card")
             deadline = time.monotonic() + timeout_s
             while True:
-                tags = [t for t in cards.evaluate_all("cs => cs.map(c => c.tag)") if t]
-                # A tag's chart may show twice: in the filter's results and in its own section.
-                shown = list(dict.fromkeys(t for t in tags if pattern.search(t)))
-                if expected_tags <= set(shown):
+                charts = [_chart(cards.nth(i)) for i in range(cards.count())]
+                drawn = {c.title: c.lines_drawn for c in charts}
+                if all(drawn.get(t, 0) >= n for t, n in expected_lines.items()):
                     break
                 if time.monotonic() > deadline:
-                    missing = sorted(expected_tags - set(shown))
-                    raise TimeoutError(f"no chart for {missing} after {timeout_s}s")
+                    raise TimeoutError(f"charts drawn {drawn}, expected {expected_lines}")
                 page.wait_for_timeout(250)
-            if log_scale:
-                for i in range(len(shown)):
-                    cards.nth(i).locator('[title="Toggle y-axis log scale"]').click()
-                # Clicking scrolls the dashboard down: back to the top.
-                cards.first.scroll_into_view_if_needed()
-                page.locator("tf-tag-filterer").first.scroll_into_view_if_needed()
-            page.wait_for_timeout(2000)  # the charts draw asynchronously after their data arrives
-            path.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(path))
-            return shown
+            page.wait_for_timeout(1000)  # the last lines' symbols draw after their paths
+            png.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(png))
+            return [_chart(cards.nth(i)) for i in range(cards.count())]
         finally:
             browser.close()
+
+
+def _chart(card) -> Chart:
+    title, series = card.evaluate("c => [c.title, Object.keys(c._nameToDataSeries || {})]")
+    box = card.bounding_box() or {"x": -1, "y": -1, "width": 0, "height": 0}
+    return Chart(title, box, series, card.locator("path.line").count())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("logdir", type=Path, help="a run directory or a folder of runs")
     parser.add_argument("png", type=Path, help="where to save the screenshot")
+    parser.add_argument("--runs", default="", help="regex for the run filter, as typed")
     parser.add_argument("--chromium", type=Path, default=CHROMIUM)
-    parser.add_argument("--tag-filter", default="grad_norm/", help="regex, as in the search box")
     args = parser.parse_args(argv)
     server = TensorBoard(args.logdir, Path(f"/tmp/tensorboard_{os.getpid()}.log"))
     try:
         server.wait_for_tags(None, {"grad_norm/total"})
-        tags = {t for tags in server.get("/data/plugin/scalars/tags").values() for t in tags}
-        wanted = {t for t in tags if re.search(args.tag_filter, t)}
-        shown = screenshot_grad_norms(
-            server.url, args.png, wanted, tag_filter=args.tag_filter, chromium=args.chromium
+        charts = first_screen(
+            server.page(), args.png, {"loss": 1}, runs=args.runs, chromium=args.chromium
         )
-        print(f"{args.png}: {len(shown)} charts: {' '.join(shown)}")
+        for c in charts:
+            print(f"{c.title}: {c.lines_drawn} lines at y={c.box['y']:.0f}")
     finally:
         server.stop()
     return 0

@@ -79,6 +79,8 @@ def plugin_of(pattern: str) -> str:
     """Which TensorBoard plugin (tab) holds a documented tag."""
     if "_hist/" in pattern:
         return "histograms"
+    if pattern == "custom_scalars__config__":
+        return "custom_scalars"
     return "text" if pattern == "alerts" else "scalars"
 
 

@@ -6,12 +6,13 @@ starts its Rust data server as a child).
 
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from screenshot_tensorboard import CHROMIUM, TensorBoard, screenshot_grad_norms
+from screenshot_tensorboard import CHROMIUM, TensorBoard, first_screen
 from test_report import (
     HIST_STEPS,
     PARAMS,
@@ -102,18 +103,76 @@ def _browser_missing() -> str | None:
     return None
 
 
+def train(outputs: Path, *overrides: str) -> None:
+    """One real run, as `make train <overrides>` starts it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gradwatch.train", f"paths.root={outputs}", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+LOSS, GRAD_NORMS, UPDATE_RATIOS = (
+    "loss",
+    "gradient norm per layer, log10",
+    "update ratio per layer (step / weights), log10",
+)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(_browser_missing() is not None, reason=str(_browser_missing()))
-def test_browser_shows_gradient_charts(served_run, tmp_path):
-    """Headless Chromium opens the scalars dashboard filtered to grad_norm/ and draws one chart
-    per gradient-norm tag; the screenshot is a real image (GRADWATCH_SCREENSHOT keeps it)."""
-    server, run, values = served_run
-    grad_tags = {t for t in values if t.startswith("grad_norm/")}
-    wait_until_loaded(server, run, hist_tags(), values)
-    shot = Path(os.environ.get("GRADWATCH_SCREENSHOT", tmp_path / "tensorboard_grad_norms.png"))
-    shown = screenshot_grad_norms(server.url, shot, expected_tags=grad_tags)
-    assert sorted(shown) == sorted(grad_tags)  # the filter shows these and nothing else
-    check_png(shot)
+def test_the_printed_page_tells_the_story_on_its_first_screen(tmp_path, monkeypatch):
+    """Three real runs, served as `make tensorboard` serves them; the page it prints, opened
+    at 1280x800 without a click: the loss and the per-layer gradient norms are in view, SGD's
+    and Adam's lines drawn under names that tell them apart, the vanishing run's eleven layers
+    on one chart. GRADWATCH_SCREENSHOTS=<dir> keeps the screenshots (the README's images)."""
+    shots = Path(os.environ.get("GRADWATCH_SCREENSHOTS", tmp_path)).absolute()
+    monkeypatch.chdir(tmp_path)  # `outputs`, as the page shows it after `make tensorboard`
+    outputs = Path("outputs")
+    train(outputs)
+    train(outputs, "optimizer=adam", "optimizer.lr=0.05")
+    train(outputs, "experiment=vanishing")
+    server = TensorBoard(outputs, tmp_path / "tensorboard.log")
+    try:
+        runs = {server.wait_for_tags(run, {"grad_norm/total"}) for run in _run_names(outputs)}
+        assert len(runs) == 3
+        page = server.page()
+        assert page.startswith(server.url)
+        charts = first_screen(
+            page, shots / "tensorboard_first_screen.png", {LOSS: 4, GRAD_NORMS: 2 + 2 + 11}
+        )
+        vanishing = first_screen(
+            page, shots / "tensorboard_vanishing.png", {GRAD_NORMS: 11}, runs="vanishing"
+        )
+    except (RuntimeError, TimeoutError) as error:
+        pytest.fail(f"{error}\n{server.output()}")
+    finally:
+        server.stop()
+
+    by_title = {c.title: c for c in charts}
+    assert [c.title for c in charts] == [LOSS, GRAD_NORMS, UPDATE_RATIOS]
+    for title in (LOSS, GRAD_NORMS):
+        assert by_title[title].in_view(1280, 800), by_title[title]
+    # SGD's run is named by its time alone, Adam's by what its command line changed.
+    xor_losses = [s for s in by_title[LOSS].series if s.startswith("train/loss (xor/")]
+    assert len(xor_losses) == 2
+    assert sum("optimizer=adam" in s for s in xor_losses) == 1
+    assert by_title[LOSS].lines_drawn == len(by_title[LOSS].series) == 4  # + vanishing's train, val
+    [vanishing_run] = [r for r in runs if r.startswith("vanishing/")]
+    layers = {f"grad_norm_log10/fc{i} ({vanishing_run})" for i in range(1, 12)}
+    assert layers <= set(by_title[GRAD_NORMS].series)
+    assert by_title[GRAD_NORMS].lines_drawn == 15
+    [alone] = [c for c in vanishing if c.title == GRAD_NORMS]
+    assert set(alone.series) == layers and alone.lines_drawn == 11
+    for png in ("tensorboard_first_screen.png", "tensorboard_vanishing.png"):
+        check_png(shots / png)
+
+
+def _run_names(outputs: Path) -> list[str]:
+    """TensorBoard's run names: each run directory relative to the served folder."""
+    return [str(p.parent.relative_to(outputs)) for p in outputs.glob("*/*/events.out.tfevents.*")]
 
 
 def test_make_tensorboard_binds_to_localhost_unless_asked():

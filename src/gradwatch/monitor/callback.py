@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from gradwatch.monitor import arguments, histograms, stats, writers
+from gradwatch.monitor import arguments, first_screen, histograms, stats, writers
 from gradwatch.monitor.arguments import check_bool, check_int
 from gradwatch.monitor.health import (
     GradientAlert,
@@ -227,6 +227,8 @@ class GradientMonitor(Callback):
                 category=GradientAlert,
             )
             self._hist_every = 0
+        if self._tb is not None and trainer.is_global_zero:
+            first_screen.write_layout(self._tb)
         self._names = parameter_names(pl_module)
         self._tags = Tags(list(self._names.values()), num_optimizers=len(trainer.optimizers))
 
@@ -383,7 +385,8 @@ class GradientMonitor(Callback):
             if self._tb is not None:
                 writers.write_alert(self._tb, alert)
         if self._write_scalars:
-            writers.write_scalars(trainer.loggers, scalars.metrics, self._step)
+            log10 = first_screen.log10_scalars(scalars.layer_norms, scalars.update_ratios)
+            writers.write_scalars(trainer.loggers, scalars.metrics, self._step, log10)
         if jobs_tensors and self._tb is not None:
             jobs = self._histogram_jobs(pending, measured)
             hists = histograms.histograms(jobs, host, self.bins)

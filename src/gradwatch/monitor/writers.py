@@ -12,12 +12,21 @@ from gradwatch.monitor.health import Alert
 from gradwatch.monitor.histograms import Histogram
 
 
-def write_scalars(loggers: list[Logger], metrics: dict[str, float], step: int) -> None:
+def write_scalars(
+    loggers: list[Logger],
+    metrics: dict[str, float],
+    step: int,
+    tensorboard_only: dict[str, float] | None = None,
+) -> None:
+    """``metrics`` to every logger; ``tensorboard_only`` (the first screen's log10 copies) to
+    TensorBoard, in the same event."""
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             summary = Summary()
             add = summary.value.add  # half the time of building Summary.Value objects first
             for tag, value in metrics.items():
+                add(tag=tag, simple_value=value)
+            for tag, value in (tensorboard_only or {}).items():
                 add(tag=tag, simple_value=value)
             _write(logger, summary, step)
         else:
