@@ -135,7 +135,8 @@ def test_tensorboard_starts_with_only_its_address(tmp_path: Path) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.communicate(timeout=30)
     assert [x for x in lines if x] == [
-        f"TensorBoard {tensorboard_version()} at http://127.0.0.1:{port}/ (Press CTRL+C to quit)"
+        f"TensorBoard {tensorboard_version()} at http://127.0.0.1:{port}/"
+        "#custom_scalars&_smoothingWeight=0 (Press CTRL+C to quit)"
     ], lines
 
 
