@@ -4,17 +4,30 @@ import errno
 import json
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from gradwatch.report import histogram_grid, main
+from gradwatch.report import histogram_grid, main, plain_text, save_grad_flow
+from gradwatch.report_plots import (
+    grad_flow_bars_figure,
+    grad_flow_figure,
+    grad_norms_figure,
+    histograms_figure,
+    loss_figure,
+    series_styles,
+    tags_figure,
+    zero_note,
+)
+from gradwatch.report_runs import Problems, Run, label_runs, load_run
 
 PARAMS = {"fc1": ("weight", "bias"), "fc2": ("weight", "bias")}
 STEPS = list(range(0, 100, 10))
@@ -466,3 +479,278 @@ def test_command_line_exit_status_and_stderr(tmp_path):
     assert done.returncode == 1
     one_line(done.stderr)
     assert str(event_file(run)) in done.stderr and not (run / "report").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# What the report says: the ranked runs table, the hyperparameters, the alerts
+# ------------------------------------------------------------------------------------------------
+
+
+def printed_table(out: str, heading: str) -> list[list[str]]:
+    """The rows (cells split at two or more spaces) of the table printed under `heading`."""
+    lines = out.split(heading + "\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    return [re.split(r"\s{2,}", line.strip()) for line in lines]
+
+
+def test_runs_table_is_ranked_and_numbered_as_sweep_results(tmp_path, capsys):
+    """A real sweep: the report's runs table has sweep_results.md's order and numbers."""
+    command = [sys.executable, "-m", "gradwatch.train", "-m", "optimizer=sgd,adam"]
+    command += ["optimizer.lr=0.01,0.1", "trainer.max_epochs=50", "print_every=0"]
+    command += ["name=t", f"paths.root={tmp_path}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (sweep,) = (tmp_path / "sweeps" / "t").iterdir()
+    sweep_rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in (sweep / "sweep_results.md").read_text().splitlines()[2:]
+    ]
+    assert main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    data = json.loads((sweep / "report" / "report.json").read_text())
+    jobs = [Path(r["path"]).name for r in data["runs"]]
+    assert jobs == [row[1] for row in sweep_rows]
+    # The ranking is not the folders' order, so the order above is the ranking's doing.
+    assert jobs != sorted(jobs)
+    table = printed_table(
+        out, "Runs ranked by final train/loss (as sweep_results.md ranks a sweep):"
+    )
+    assert table[0] == ["rank", "run", "train/loss", "train/acc", "grad_norm/total", "alerts"]
+    for printed, sweep_row, summary in zip(table[1:], sweep_rows, data["runs"], strict=True):
+        assert printed[0] == sweep_row[0] and printed[1] == summary["label"]
+        assert printed[2:] == sweep_row[2:]  # loss, accuracy, gradient norm, alerts
+        # TensorBoard's float32 copy of metrics.json's values is exact: they are float32 results.
+        metrics = json.loads((Path(summary["path"]) / "metrics.json").read_text())
+        for key in ("train/loss", "train/acc", "grad_norm/total"):
+            assert summary["final"][key] == metrics[key]
+    assert "did not finish" not in out  # no note: every run has its final metrics
+
+
+def test_runs_without_final_metrics_are_ranked_last_with_a_note(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    final = {"train/loss": 0.2, "train/acc": 0.5, "grad_norm/total": 0.01}
+    write_fixture_run(sweep / "a", seed=3, overrides=["seed=3"])  # the lowest loss, unfinished
+    write_fixture_run(sweep / "b", seed=1, overrides=["seed=1"], final=final)
+    assert main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    table = printed_table(
+        out, "Runs ranked by final train/loss (as sweep_results.md ranks a sweep):"
+    )
+    assert [row[:3] for row in table[1:3]] == [
+        ["1", "seed=1", f"{f32(0.2):.6g}"],
+        ["2", "seed=3", f"{f32(fixture_values(3)['train/loss'][STEPS[-1]]):.6g}"],
+    ]
+    assert table[3] == [
+        "rank 2: no final metrics (the run did not finish): the last logged values, ranked"
+        " after the finished runs"
+    ]
+
+
+def test_hyperparameters_table_shows_only_what_differs(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    for seed in (1, 3):  # the same optimizer, another lr
+        write_fixture_run(sweep / f"seed={seed}", seed=seed, overrides=[f"seed={seed}"])
+    assert main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    assert printed_table(out, "Hyperparameters that differ:") == [
+        ["rank", "run", "lr"],
+        ["1", "seed=3", "0.03"],
+        ["2", "seed=1", "0.01"],
+    ]
+    assert "hparams:" not in out and "{" not in out
+
+
+@pytest.mark.parametrize(
+    ("markdown", "plain"),
+    [
+        ("**vanishing**: fc1 below 1e-7", "vanishing: fc1 below 1e-7"),
+        ("**stall** at `fc2` *now*, __really__", "stall at fc2 now, really"),
+        ("loss 2 * 3 = 6; layer fc_1_out", "loss 2 * 3 = 6; layer fc_1_out"),
+    ],
+)
+def test_alerts_print_as_plain_text(markdown, plain):
+    assert plain_text(markdown) == plain
+
+
+@pytest.mark.parametrize(
+    "text", ["{not json", '{"alerts": [{"step": 1}]}', '{"alerts": [{"step": 1, "kind": "v", '
+             '"layers": "fc1"}]}'], ids=["not-json", "no-kind", "layers-a-string"]
+)  # fmt: skip
+def test_bad_gradients_json_is_a_warning_and_no_alert_is_marked(tmp_path, capsys, text):
+    run = tmp_path / "run"
+    write_fixture_run(run)
+    (run / "gradients.json").write_text(text)
+    assert main([str(run)]) == 0
+    err = one_line(capsys.readouterr().err, "warning")
+    assert f"{run / 'gradients.json'}: " in err and "not marked on the plots" in err
+    assert load_run(run, Problems()).alert_marks == []
+
+
+# ------------------------------------------------------------------------------------------------
+# The plots: colours, alert marks, zeros on log axes, legends
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vanishing_run(tmp_path_factory) -> Run:
+    """`experiment=vanishing` as shipped: 11 layers, vanishing alerts on fc1..fc5."""
+    root = tmp_path_factory.mktemp("vanishing")
+    command = [sys.executable, "-m", "gradwatch.train", "experiment=vanishing"]
+    done = subprocess.run(
+        [*command, "print_every=0", f"paths.root={root}"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (run_dir,) = (root / "vanishing").iterdir()
+    run = load_run(run_dir, Problems())
+    label_runs([run])
+    return run
+
+
+def lines_by_layer(ax) -> dict[str, Any]:
+    """The axes' series lines by the layer their label starts with (the legend's lines)."""
+    return {
+        line.get_label().split(" ")[0]: line
+        for line in ax.get_lines()
+        if line.get_label()[:1] != "_"
+    }
+
+
+def assert_legend_outside(fig) -> None:
+    """Every legend is the figure's, clear of every axes (tick labels included), inside the
+    figure: it covers no line."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert all(ax.get_legend() is None for ax in fig.axes)
+    assert fig.legends
+    for legend in fig.legends:
+        box = legend.get_window_extent(renderer)
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_tightbbox(renderer)), (legend, ax.get_title())
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 + 1
+        assert fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1 + 1
+
+
+def test_every_layer_of_the_vanishing_run_has_its_own_colour(vanishing_run):
+    from matplotlib.colors import to_hex
+
+    fig = grad_norms_figure([vanishing_run])
+    lines = lines_by_layer(fig.axes[0])
+    layers = [f"fc{i}" for i in range(1, 12)]
+    assert set(layers) <= set(lines)
+    colours = [to_hex(lines[lay].get_color()) for lay in layers]
+    assert len(set(colours)) == len(layers), colours
+    assert to_hex(lines["total"].get_color()) not in colours
+    assert_legend_outside(fig)
+
+
+def test_alerted_layers_are_marked(vanishing_run):
+    from matplotlib.colors import to_hex
+
+    alerted = {lay for a in vanishing_run.alert_marks if a.kind == "vanishing" for lay in a.layers}
+    assert {"fc1", "fc2", "fc3"} <= alerted
+    fig = grad_norms_figure([vanishing_run])
+    ax = fig.axes[0]
+    lines = lines_by_layer(ax)
+    labelled = {
+        lay for lay, line in lines.items() if "(alert: vanishing at step" in line.get_label()
+    }
+    assert labelled == alerted
+    assert "(alert: stall at step" in lines["total"].get_label()
+    # A ringed dot in fc1's colour at the step of fc1's alert, on fc1's line.
+    (first,) = [a for a in vanishing_run.alert_marks if "fc1" in a.layers]
+    steps, values = lines["fc1"].get_data()
+    rings = [
+        line
+        for line in ax.get_lines()
+        if line.get_marker() == "o"
+        and to_hex(line.get_markerfacecolor()) == to_hex(lines["fc1"].get_color())
+    ]
+    assert len(rings) == 1
+    assert rings[0].get_xdata()[0] == first.step
+    assert rings[0].get_ydata()[0] == values[list(steps).index(first.step)]
+    # fc1's histograms: a line at the alert's step.
+    hist = histograms_figure([vanishing_run], "fc1")
+    assert any(
+        list(line.get_xdata()) == [first.step, first.step]
+        for a in hist.axes
+        for line in a.get_lines()
+    )
+    # The gradient-flow bars: the alerted layers hatched, the others not.
+    bars = grad_flow_bars_figure([vanishing_run])
+    hatched = [bar.get_hatch() == "//" for bar in bars.axes[0].patches]
+    assert hatched == [f"fc{i}" in alerted for i in range(1, 12)]
+    assert_legend_outside(bars)
+
+
+def test_series_styles_never_repeat():
+    for n in (1, 2, 10, 11, 12, 25):
+        styles = series_styles(n)
+        assert len({tuple(colour) for colour, _ in styles}) == n
+
+
+def test_zero_notes():
+    assert zero_note([1, 2, 3], [0.5, 0.0, 0.0]) == "0 from step 2"
+    assert zero_note([1, 2, 3], [0.0, 0.5, 0.0]) == "0 at 2 steps from step 1"
+    assert zero_note([1, 2], [0.5, math.nan]) is None
+
+
+def test_zeros_are_marked_on_the_bottom_edge_of_log_axes(tmp_path):
+    run_dir = tmp_path / "run"
+    write_fixture_run(run_dir, zero_from=60)
+    run = load_run(run_dir, Problems())
+    label_runs([run])
+    zeros = [60, 70, 80, 90]
+    for fig, name in ((loss_figure([run]), "train/loss"), (grad_norms_figure([run]), "fc2")):
+        ax = fig.axes[0]
+        assert ax.get_yscale() == "log"
+        (line,) = [ln for ln in ax.get_lines() if ln.get_label().startswith(name + " ")]
+        assert line.get_label() == f"{name} (0 from step 60)"
+        (triangles,) = [
+            ln
+            for ln in ax.get_lines()
+            if ln.get_marker() == "v" and to_hex_color(ln) == to_hex_color(line)
+        ]
+        assert list(triangles.get_xdata()) == zeros
+        # y in axes coordinates: 0 is the bottom edge, whatever the y limits.
+        assert triangles.get_transform() == ax.get_xaxis_transform()
+        assert list(triangles.get_ydata()) == [0.0] * len(zeros)
+        assert_legend_outside(fig)
+
+
+def to_hex_color(line) -> str:
+    from matplotlib.colors import to_hex
+
+    return to_hex(line.get_color())
+
+
+def test_legends_of_overlaid_runs_are_outside_the_axes(tmp_path):
+    sweep = tmp_path / "sweep"
+    runs = []
+    for seed in (1, 2, 3):
+        write_fixture_run(sweep / f"seed={seed}", seed=seed, overrides=[f"seed={seed}"])
+        runs.append(load_run(sweep / f"seed={seed}", Problems()))
+    label_runs(runs)
+    for fig in (
+        loss_figure(runs),
+        grad_norms_figure(runs),
+        grad_flow_bars_figure(runs),
+        tags_figure(runs, ["train/acc", "update_ratio/fc1"]),
+    ):
+        assert_legend_outside(fig)
+        assert fig.legends[0].get_texts()[0].get_text().startswith("seed=")
+
+
+def test_grad_flow_png_rings_the_monitors_alerts(tmp_path):
+    history = {
+        "step": [0, 10, 20],
+        "layers": {"fc1": [1e-3, 1e-8, 0.0], "fc2": [1e-1, 1e-2, 1e-3]},
+        "totals": {"total": [1e-1, 1e-2, 1e-3]},
+    }
+    alerts = [{"step": 10, "kind": "vanishing", "layers": ["fc1"], "message": "..."}]
+    fig = grad_flow_figure(history, alerts)
+    lines = lines_by_layer(fig.axes[0])
+    assert lines["fc1"].get_label() == "fc1 (0 from step 20; alert: vanishing at step 10)"
+    assert lines["fc2"].get_label() == "fc2"
+    (ring,) = [ln for ln in fig.axes[0].get_lines() if ln.get_marker() == "o"]
+    assert (list(ring.get_xdata()), list(ring.get_ydata())) == ([10], [1e-8])
+    assert_legend_outside(fig)
+    assert save_grad_flow(history, tmp_path / "grad_flow.png", alerts).is_file()

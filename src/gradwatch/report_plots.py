@@ -45,6 +45,7 @@ QUALITATIVE_MAX = 10
 LEGEND_ROWS = 18
 # Under the layers (zorder 1.5 < 2): a one-layer-dominated total would hide that layer.
 TOTAL_STYLE = {"color": "black", "linestyle": ":", "linewidth": 2.5, "zorder": 1.5}
+ZERO_MARKERS_MAX = 30
 ZERO_MARKER = {"marker": "v", "markersize": 6, "linestyle": "none", "clip_on": False}
 ALERT_MARKER = {
     "marker": "o",
@@ -163,11 +164,14 @@ def draw_log_series(
     on_bottom_edge = ax.get_xaxis_transform()
     if zeros:
         zero_steps = [s for s, v in zip(steps, values, strict=True) if v == 0]
+        # A few dozen triangles say "0 here" along the edge; one per logged step is a smear.
+        every = max(1, math.ceil(len(zero_steps) / ZERO_MARKERS_MAX))
         ax.plot(
             zero_steps,
             [0.0] * len(zero_steps),
             color=color,
             transform=on_bottom_edge,
+            markevery=every,
             **ZERO_MARKER,
         )
         if not notes_in_label:
@@ -483,11 +487,9 @@ def tags_figure(runs: list[Run], tags: list[str]):
 # ------------------------------------------------------------------------------------------------
 
 
-def save_grad_flow(
-    history: dict[str, Any], path: str | Path, alerts: Sequence[dict[str, Any]] = ()
-) -> Path | None:
-    """``grad_flow.png`` from a monitor's history (:attr:`GradientMonitor.history`): every layer's
-    gradient L2 norm over the steps, the total dotted, log scale; `alerts` (the monitor's
+def grad_flow_figure(history: dict[str, Any], alerts: Sequence[dict[str, Any]] = ()):
+    """Every layer's gradient L2 norm over the steps from a monitor's history
+    (:attr:`GradientMonitor.history`), the total dotted, log scale; `alerts` (the monitor's
     ``summary()["alerts"]``) ringed. None if nothing was logged."""
     steps = history["step"]
     if not steps:
@@ -499,4 +501,12 @@ def save_grad_flow(
     keys = draw_layers(ax, series, marks)
     ax.set_title("Gradient flow: per-layer gradient norms")
     legend_outside(fig, *ax.get_legend_handles_labels(), keys)
-    return save_figure(fig, Path(path))
+    return fig
+
+
+def save_grad_flow(
+    history: dict[str, Any], path: str | Path, alerts: Sequence[dict[str, Any]] = ()
+) -> Path | None:
+    """``grad_flow.png``: :func:`grad_flow_figure` saved to `path`; None if nothing was logged."""
+    fig = grad_flow_figure(history, alerts)
+    return None if fig is None else save_figure(fig, Path(path))

@@ -141,7 +141,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # of a second that the fit time of a 5000-epoch run should not carry.
     monitor = next((c for c in trainer.callbacks if isinstance(c, GradientMonitor)), None)
     if monitor is not None and trainer.is_global_zero:
-        save_grad_flow(monitor.history, run_dir / "grad_flow.png")
+        save_grad_flow(monitor.history, run_dir / "grad_flow.png", monitor.summary()["alerts"])
     return summary.metrics
 
 
