@@ -754,3 +754,17 @@ def test_grad_flow_png_rings_the_monitors_alerts(tmp_path):
     assert (list(ring.get_xdata()), list(ring.get_ydata())) == ([10], [1e-8])
     assert_legend_outside(fig)
     assert save_grad_flow(history, tmp_path / "grad_flow.png", alerts).is_file()
+
+
+def test_a_layer_whose_gradient_is_always_0_has_a_triangle_for_a_bar(tmp_path):
+    run_dir = tmp_path / "run"
+    write_fixture_run(run_dir, zero_from=0)  # grad_norm/fc2 (and train/loss) 0 throughout
+    run = load_run(run_dir, Problems())
+    label_runs([run])
+    fig = grad_flow_bars_figure([run])
+    ax = fig.axes[0]
+    (triangles,) = [ln for ln in ax.get_lines() if ln.get_marker() == "v"]
+    assert list(triangles.get_xdata()) == [1.0]  # fc2's place; fc1's bar is drawn
+    assert triangles.get_transform() == ax.get_xaxis_transform()
+    assert "value 0 (off the log axis)" in [t.get_text() for t in fig.legends[0].get_texts()]
+    assert_legend_outside(fig)

@@ -64,7 +64,7 @@ from gradwatch.report_runs import (
     load_run,
 )
 
-# Drawn in report_plots, imported from here by gradwatch.train and older callers.
+# Drawn in report_plots; gradwatch.train imports save_grad_flow from here.
 __all__ = ["histogram_grid", "main", "report", "save_grad_flow"]
 
 # sweep_results.md's columns (gradwatch.sweep.format_table), then validation where a run has it.
@@ -122,9 +122,9 @@ def final_values(run: Run) -> tuple[dict[str, float | None], bool]:
     """(values, finished). A finished run's final metrics are metrics.json's, which RunSummary
     also writes as `final/<key>` tags (`final/train_loss`), computed on the whole training set
     after the last step: what sweep_results.md shows. metrics.json's values are float32 results
-    (`.item()` of float32 tensors), so TensorBoard's float32 copy of them is exact. A run that
-    did not finish (interrupted, killed, still training) has no `final/` tags: its last logged
-    values stand in."""
+    (`.item()` of float32 tensors), so TensorBoard's float32 copy of them is exact. For a run
+    without `final/` tags (still training, or killed before its end) the last logged values
+    stand in."""
     finished = "final/train_loss" in run.scalars
     values = {}
     for key in FINAL_KEYS:
@@ -171,6 +171,12 @@ def aligned(rows: list[list[str]], right: set[int]) -> str:
     return "\n".join(lines)
 
 
+def short_label(label: str, limit: int = 48) -> str:
+    """A run's label in a table: long override lists are cut (the run's own section above the
+    tables shows them whole)."""
+    return label if len(label) <= limit else label[: limit - 1] + "~"
+
+
 def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.6g}"  # sweep_results.md's format
 
@@ -183,7 +189,9 @@ def format_runs_table(summaries: list[dict[str, Any]]) -> str:
     for rank, s in enumerate(summaries, 1):
         alerts = ", ".join(f"{k} x{n}" for k, n in s["alerts"].items())
         alerts = alerts or ("none" if s["monitored"] else "-")
-        rows.append([str(rank), s["label"], *(_cell(s["final"][k]) for k in keys), alerts])
+        rows.append(
+            [str(rank), short_label(s["label"]), *(_cell(s["final"][k]) for k in keys), alerts]
+        )
     lines = [aligned(rows, right={0, *range(2, 2 + len(keys))})]  # rank and numbers
     unfinished = [str(rank) for rank, s in enumerate(summaries, 1) if not s["finished"]]
     if unfinished:
@@ -224,7 +232,7 @@ def hparams_table(runs: list[Run]) -> str | None:
         return f"the same {len(keys)} hyperparameters in every run"
     rows = [["rank", "run", *differ]]
     rows += [
-        [str(rank), r.label, *(_hparam(r.hparams.get(k)) for k in differ)]
+        [str(rank), short_label(r.label), *(_hparam(r.hparams.get(k)) for k in differ)]
         for rank, r in enumerate(runs, 1)
     ]
     return aligned(rows, right={0})

@@ -122,8 +122,8 @@ def _safe(name: str) -> str:
 
 
 def zero_note(steps: Sequence[int], values: Sequence[float]) -> str | None:
-    """ "0 from step N" where a series reaches exactly 0 and stays there; "0 at k steps from
-    step N" where it leaves 0 again; None if it never is 0."""
+    """What a series' zeros say in its legend: `0 from step N` where it reaches exactly 0 and
+    stays there, `0 at k steps from step N` where it leaves 0 again, None if it is never 0."""
     zeros = [i for i, v in enumerate(values) if v == 0]
     if not zeros:
         return None
@@ -188,7 +188,7 @@ def draw_log_series(
     for alert in alerts:
         if not steps:
             break
-        # Alerts fire on logging steps; the nearest logged step if not (a resumed run's files).
+        # An alert fires on a logging step, so its step is one of the series'; else the nearest.
         i = int(np.argmin([abs(s - alert.step) for s in steps]))
         if positive[i] == positive[i]:  # not NaN: on the line
             ax.plot([steps[i]], [positive[i]], markerfacecolor=color, **ALERT_MARKER)
@@ -298,15 +298,16 @@ def grad_norms_figure(runs: list[Run]):
     styles = series_styles(len(runs))
     for i, lay in enumerate(layers):
         ax = fig.add_subplot(nrows, ncols, i + 1)
-        for run, (color, _) in zip(runs, styles, strict=True):
+        for run, (color, style) in zip(runs, styles, strict=True):
             if lay in series[id(run)]:
-                points = series[id(run)][lay]
-                marks = alerts_on(run, lay)
-                keys |= draw_log_series(ax, points, run.label, color, "-", marks, False)
+                points, marks = series[id(run)][lay], alerts_on(run, lay)
+                keys |= draw_log_series(
+                    ax, points, run.label, color, style, marks, notes_in_label=False
+                )
         _log_axes(ax, "gradient L2 norm")
         ax.set_title(f"grad_norm/{lay}")
     # One legend for every panel: the runs, in the same colours in each.
-    handles = [_line_handle(color) for color, _ in styles]
+    handles = [_line_handle(color, style) for color, style in styles]
     legend_outside(fig, handles, [r.label for r in runs], keys)
     return fig
 
