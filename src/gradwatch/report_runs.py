@@ -37,8 +37,18 @@ SIZE_GUIDANCE = {
     ea.IMAGES: 1,
     ea.AUDIO: 1,
 }
-# Overrides that say where a run lives, not what it is: left out of legend labels.
-LABEL_SKIP = ("paths.", "hydra.", "ckpt_path=", "name=")
+# Overrides that say where a run lives or what its console shows, not what it trains: left out
+# of legend labels, as conf/config.yaml's override_dirname.exclude_keys leave them out of run
+# folder names (experiment=... stays: it says what the run is).
+LABEL_SKIP = (
+    "paths.",
+    "hydra.",
+    "ckpt_path=",
+    "name=",
+    "print_every=",
+    "trainer.enable_progress_bar=",
+    "trainer.enable_model_summary=",
+)
 
 
 class ReportError(Exception):
