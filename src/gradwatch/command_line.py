@@ -43,6 +43,21 @@ def quiet_known_warnings() -> None:
     warnings.showwarning = show_alerts_as_log_lines
 
 
+def quiet_this_process() -> None:
+    """:func:`quiet_known_warnings` and :func:`quiet_writer_thread_errors`, once per process.
+    `main` calls it, and so does the task function: Hydra's launcher plugins (submitit) run each
+    job in a process of its own, where `main` never ran, and its alerts would print as Python
+    warnings on stderr instead of log lines in `train.log`."""
+    global _process_quieted
+    if not _process_quieted:
+        quiet_known_warnings()
+        quiet_writer_thread_errors()
+        _process_quieted = True
+
+
+_process_quieted = False
+
+
 def quiet_writer_thread_errors() -> None:
     """A write that fails in TensorBoard's writer thread (a full disk) is raised again in the
     training thread at its next write, and reported there in a line: the thread's own traceback
