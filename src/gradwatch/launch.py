@@ -59,9 +59,16 @@ def run_folder(overrides: str, stamp: str) -> str:
     return f"{label}@{stamp}" if label else stamp
 
 
+def gpus_per_node(accelerator: str, devices: int) -> int | None:
+    """The GPUs a SLURM job asks for on each node (conf/hydra/launcher/slurm.yaml): the trainer's
+    devices when it trains on GPUs; None (ask for none) when it trains on CPUs."""
+    return devices if accelerator in ("gpu", "cuda") else None
+
+
 # `${run_id:}` in conf/config.yaml; cached, so every reference in one process sees one value.
 OmegaConf.register_new_resolver("run_id", run_id, use_cache=True, replace=True)
 OmegaConf.register_new_resolver("run_folder", run_folder, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("gpus_per_node", gpus_per_node, replace=True)
 
 
 def quote_run_paths(args: list[str]) -> list[str]:
