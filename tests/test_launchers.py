@@ -181,7 +181,8 @@ def test_submitit_local_sweep_gives_the_basic_launchers_folders_and_table(tmp_pa
 
     # Each job ran in a process of its own, with Hydra's job folder, log and event file.
     event_files = [next((sweep / job).glob("events.out.tfevents.*")) for job in JOBS[:2]]
-    assert len({name.name.split(".")[4] for name in event_files}) == 2  # two process ids
+    # events.out.tfevents.<time>.<host>.<pid>.<n>: two jobs, two process ids.
+    assert len({path.name.rsplit(".", 2)[1] for path in event_files}) == 2
     for job in JOBS:
         assert (sweep / job / ".hydra" / "config.yaml").is_file()
     assert "Error in config: optimizer.lr=-1" in (sweep / JOBS[2] / "train.log").read_text()
