@@ -232,3 +232,24 @@ def test_optuna_search_minimizes_the_final_loss_and_ranks_trials_the_same_way(
     first = f"hidden_size={params.hidden_size},optimizer.lr={params['optimizer.lr']}"
     assert job_of(rows[0]) == f"{first},optimizer={params.optimizer},trainer.max_epochs=100"
     assert best.best_value == losses[0]
+
+
+@pytest.mark.slow
+def test_submitit_local_job_starts_its_own_ddp_processes(tmp_path, submitit_extra):
+    """Lightning starts a DDP job's other process with this process's `python -m <module>`:
+    under submitit that is submitit's job runner, so gradwatch has it start gradwatch.train."""
+    done = gradwatch_train(
+        "-m",
+        "hydra/launcher=submitit_local",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.max_epochs=20",
+        f"paths.root={tmp_path}",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    sweep = the_sweep(tmp_path)
+    job = sweep / "trainer.devices=2,trainer.max_epochs=20,trainer=ddp"
+    assert [job_of(row) for row in table_rows(sweep)] == [job.name]
+    # Both processes trained the one job: rank 1's log beside rank 0's, one event file.
+    assert (job / "train_ddp_process_1.log").is_file()
+    assert len(list(job.glob("events.out.tfevents.*"))) == 1
