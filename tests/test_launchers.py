@@ -18,6 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gradwatch.command_line import plugin_hint
 from gradwatch.train import objective
 
 SUBMITIT = "needs the submitit extra: .venv/bin/pip install -e '.[submitit]'"
@@ -61,6 +62,18 @@ def test_the_objective_is_the_final_loss_and_none_without_a_number():
     # None: hydra-optuna-sweeper records a failed trial and goes on (a NaN would stop it).
     assert objective({"train/loss": float("nan")}) is None
     assert objective({}) is None
+
+
+def test_a_plugins_option_without_its_extra_says_how_to_install_it():
+    """Appended to Hydra's 'Unknown option hydra/launcher=submitit_local' (or, for
+    hydra/launcher=slurm, 'Could not load hydra/launcher/submitit_slurm') where the extra is
+    not installed."""
+    assert plugin_hint("hydra/launcher/submitit_local").endswith("pip install -e '.[submitit]'")
+    assert "hydra/launcher=submitit_slurm comes with the submitit extra" in plugin_hint(
+        "hydra/launcher/submitit_slurm"
+    )
+    assert plugin_hint("hydra/sweeper/optuna").endswith("pip install -e '.[optuna]'")
+    assert plugin_hint("optimizer/adamm") == ""
 
 
 # --- SLURM: composed and written here, never submitted ----------------------------------------
