@@ -8,13 +8,15 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
+# Optional extras for `make install`, comma-separated: EXTRAS=submitit,optuna (pyproject.toml).
+EXTRAS ?=
 HOST   ?= 127.0.0.1
 PORT   ?= 6006
 # $(call RUN_HYDRA,module,extra args): the shell (not make) splits MAKEOVERRIDES, so values with
 # escaped spaces stay whole; this Makefile's own variables are dropped; `set -f`: no globbing of
 # model.layer_sizes=[2,8,1].
 RUN_HYDRA = @set -f; set -- $(MAKEOVERRIDES); for o do shift; case "$$o" in \
-	ARGS=*|VENV=*|HOST=*|PORT=*) ;; *) set -- "$$@" "$$o" ;; esac; done; \
+	ARGS=*|VENV=*|EXTRAS=*|HOST=*|PORT=*) ;; *) set -- "$$@" "$$o" ;; esac; done; \
 	echo "$(PY) -m $(1) $$* $(2)"; $(PY) -m $(1) "$$@" $(2)
 
 .DEFAULT_GOAL := help
@@ -32,7 +34,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install gradwatch (editable) with its dev tools
+install: $(STAMP) ## create .venv, install gradwatch (editable), dev tools; EXTRAS=submitit,optuna
+ifneq ($(strip $(EXTRAS)),)
+	$(PY) -m pip install -q -e '.[dev,$(strip $(EXTRAS))]'
+endif
 
 train: $(STAMP) ## train (default: the tutorial's XOR run); Hydra overrides pass through
 	$(call RUN_HYDRA,gradwatch.train,$(ARGS))

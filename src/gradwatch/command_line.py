@@ -43,6 +43,21 @@ def quiet_known_warnings() -> None:
     warnings.showwarning = show_alerts_as_log_lines
 
 
+def quiet_this_process() -> None:
+    """:func:`quiet_known_warnings` and :func:`quiet_writer_thread_errors`, once per process.
+    `main` calls it, and so does the task function: Hydra's launcher plugins (submitit) run each
+    job in a process of its own, where `main` never ran, and its alerts would print as Python
+    warnings on stderr instead of log lines in `train.log`."""
+    global _process_quieted
+    if not _process_quieted:
+        quiet_known_warnings()
+        quiet_writer_thread_errors()
+        _process_quieted = True
+
+
+_process_quieted = False
+
+
 def quiet_writer_thread_errors() -> None:
     """A write that fails in TensorBoard's writer thread (a full disk) is raised again in the
     training thread at its next write, and reported there in a line: the thread's own traceback
@@ -58,6 +73,23 @@ def quiet_writer_thread_errors() -> None:
     threading.excepthook = excepthook
 
 
+# Options that Hydra's plugins bring, and the optional extra (pyproject.toml) that installs each.
+PLUGIN_EXTRAS = {
+    "hydra/launcher/submitit_local": "submitit",
+    "hydra/launcher/submitit_slurm": "submitit",
+    "hydra/sweeper/optuna": "optuna",
+}
+
+
+def plugin_hint(missing_config: str) -> str:
+    """For an option a plugin brings: the command that installs it; "" for any other."""
+    extra = PLUGIN_EXTRAS.get(missing_config)
+    if extra is None:
+        return ""
+    group, _, name = missing_config.rpartition("/")
+    return f"\n{group}={name} comes with the {extra} extra: .venv/bin/pip install -e '.[{extra}]'"
+
+
 def short_hydra_errors() -> None:
     """A command line Hydra cannot compose (a misspelled option or key) is reported in a line or
     two, the options there included, without Hydra's config search path and stack trace hint
@@ -70,7 +102,10 @@ def short_hydra_errors() -> None:
         options, missing = getattr(error, "options", None), getattr(error, "missing_cfg_file", "")
         if options is not None and "/" in (missing or ""):  # optimizer=adamm
             group, _, name = missing.rpartition("/")
-            return f"Unknown option {group}={name}. Options in '{group}': {', '.join(options)}"
+            return (
+                f"Unknown option {group}={name}. Options in '{group}': {', '.join(options)}"
+                + plugin_hint(missing)
+            )
         parent = getattr(cause, "parent_node", None)
         if isinstance(cause, OmegaConfBaseException) and isinstance(parent, DictConfig):
             # trainer.max_epoch=3: the key it is close to, or the keys there are.
@@ -88,7 +123,7 @@ def short_hydra_errors() -> None:
         lines = [str(error).split("\nConfig search path:")[0].strip()]
         if isinstance(cause, OmegaConfBaseException):
             lines.append(str(cause).strip())
-        return "\n".join(lines)
+        return "\n".join(lines) + plugin_hint(missing or "")
 
     hydra_run_and_report = hydra_internal_utils.run_and_report
 

@@ -3,6 +3,7 @@ back in its own directory, and DDP processes that start the right job inside a H
 """
 
 import hashlib
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator
@@ -59,9 +60,16 @@ def run_folder(overrides: str, stamp: str) -> str:
     return f"{label}@{stamp}" if label else stamp
 
 
+def gpus_per_node(accelerator: str, devices: int) -> int | None:
+    """The GPUs a SLURM job asks for on each node (conf/hydra/launcher/slurm.yaml): the trainer's
+    devices when it trains on GPUs; None (ask for none) when it trains on CPUs."""
+    return devices if accelerator in ("gpu", "cuda") else None
+
+
 # `${run_id:}` in conf/config.yaml; cached, so every reference in one process sees one value.
 OmegaConf.register_new_resolver("run_id", run_id, use_cache=True, replace=True)
 OmegaConf.register_new_resolver("run_folder", run_folder, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("gpus_per_node", gpus_per_node, replace=True)
 
 
 def quote_run_paths(args: list[str]) -> list[str]:
@@ -138,6 +146,10 @@ def ddp_processes_for_this_job() -> Iterator[None]:
     So: the job's own overrides and directory for the children, then the launcher's environment
     and process group taken down, so the next job starts its own processes. Processes started
     by torchrun or srun (LOCAL_RANK already set) each run the whole sweep in step: left alone.
+
+    A process started with `python -m <module>` has its children started with `python -m
+    <module>`: under Hydra's submitit launcher the module is submitit's job runner, which takes
+    no overrides, so the children are started as `python -m gradwatch.train` instead.
     """
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     if not multirun or "LOCAL_RANK" in os.environ:
@@ -147,12 +159,17 @@ def ddp_processes_for_this_job() -> Iterator[None]:
     argv, run_dir = sys.argv, hydra_cfg.run.dir
     env = {key: os.environ.get(key) for key in DDP_LAUNCH_ENV}
     sys.argv = [argv[0], *hydra_cfg.overrides.task]
+    main = sys.modules["__main__"]
+    main_spec = getattr(main, "__spec__", None)
+    if main_spec is not None:
+        main.__spec__ = importlib.util.find_spec("gradwatch.train")
     with read_write(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
     try:
         yield
     finally:
         sys.argv = argv
+        main.__spec__ = main_spec
         with read_write(hydra_cfg):
             hydra_cfg.run.dir = run_dir
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -6,6 +6,7 @@ gradwatch-train experiment=xor_adam
 
 import json
 import logging
+import math
 import os
 import sys
 import traceback
@@ -26,11 +27,7 @@ from lightning.pytorch.profilers import (
 from omegaconf import DictConfig, OmegaConf
 
 from gradwatch.checkpoints import AtomicCheckpointIO
-from gradwatch.command_line import (
-    quiet_known_warnings,
-    quiet_writer_thread_errors,
-    short_hydra_errors,
-)
+from gradwatch.command_line import quiet_this_process, short_hydra_errors
 from gradwatch.data import InMemoryDataModule
 from gradwatch.launch import (
     CONF_DIR,
@@ -145,11 +142,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return summary.metrics
 
 
+def objective(metrics: dict[str, float]) -> float | None:
+    """What a sweeper minimizes (hydra-optuna-sweeper): the final training loss, the value the
+    sweep's table ranks by. None where there is no number to compare (a loss that went NaN):
+    the sweeper records a failed trial and goes on."""
+    loss = metrics.get("train/loss")
+    return None if loss is None or math.isnan(loss) else loss
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def hydra_main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> float | None:
+    """One run, or one job of a multirun: returns the run's objective for sweepers; a job that
+    fails returns None (a failed trial) after recording why for the sweep's table. Hydra
+    ignores what a single run returns."""
+    quiet_this_process()  # a no-op under `main`; a launcher plugin's job process needs it
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        train(cfg)
+        return objective(train(cfg))
     except RunComplete as complete:  # a sweep's job resumed past its end: nothing to do
         log.info(str(complete))
     except (ConfigError, OSError) as error:
@@ -164,7 +173,7 @@ def hydra_main(cfg: DictConfig) -> None:
         if multirun:
             # Record it for the sweep's table and let the other jobs run.
             Path(cfg.paths.output_dir, FAILED_FILE).write_text(message + "\n")
-            return
+            return None
         sys.exit(2 if isinstance(error, ConfigError) else 3)
     except Exception as error:
         if not multirun:
@@ -172,12 +181,12 @@ def hydra_main(cfg: DictConfig) -> None:
         # One failing job must not stop or corrupt the others: report it now, rank it at the end.
         log.exception(f"Job {HydraConfig.get().job.override_dirname} failed: {error}")
         Path(cfg.paths.output_dir, FAILED_FILE).write_text(traceback.format_exc())
+    return None
 
 
 def main() -> None:
     """`gradwatch-train` and `python -m gradwatch.train`: Hydra's command line."""
-    quiet_known_warnings()
-    quiet_writer_thread_errors()
+    quiet_this_process()
     short_hydra_errors()
     sys.argv[1:] = quote_run_paths(sys.argv[1:])
     sys.argv.extend(resume_arguments(sys.argv[1:]))
