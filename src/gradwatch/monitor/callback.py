@@ -18,14 +18,10 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from gradwatch.monitor import arguments, histograms, stats, writers
-from gradwatch.monitor.arguments import check_bool, check_int
-from gradwatch.monitor.health import (
-    GradientAlert,
-    Health,
-    Observation,
-    Thresholds,
-    format_table,
-)
+from gradwatch.monitor.activations import STATS, ActivationProbe
+from gradwatch.monitor.alerts import GradientAlert
+from gradwatch.monitor.arguments import check_bool, check_int, check_number
+from gradwatch.monitor.health import Health, Observation, Thresholds, format_table
 from gradwatch.monitor.names import Tags, optimizer_params, parameter_names, stored_values
 from gradwatch.monitor.scalars import step_scalars
 from gradwatch.monitor.stats import Measurement
@@ -136,6 +132,13 @@ class GradientMonitor(Callback):
         stall_loss_tol: float = 1e-2,
         stall_patience: int = 10,
         on_nonfinite: str = "warn",
+        log_activations: bool = True,
+        activation_histograms: bool = False,
+        saturation_eps: float = 1e-3,
+        dead_fraction: float = 0.5,
+        saturated_fraction: float = 0.5,
+        symmetric_fraction: float = 0.5,
+        activation_patience: int = 3,
     ) -> None:
         check_int("log_every_n_steps", log_every_n_steps, minimum=0, allow_none=True)
         check_int("histogram_every_n_steps", histogram_every_n_steps, minimum=0, allow_none=True)
@@ -143,6 +146,11 @@ class GradientMonitor(Callback):
         check_int("histogram_min_values", histogram_min_values, minimum=1)
         check_bool("log_weight_norms", log_weight_norms)
         check_bool("log_update_ratio", log_update_ratio)
+        check_bool("log_activations", log_activations)
+        check_bool("activation_histograms", activation_histograms)
+        check_number(
+            "saturation_eps", saturation_eps, "a number in (0, 0.5)", lambda v: 0 < v < 0.5
+        )
         self.norm_types = arguments.norm_types(norm_types)
         self.log_every_n_steps = log_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
@@ -151,6 +159,9 @@ class GradientMonitor(Callback):
         self.log_weight_norms = log_weight_norms
         self.log_update_ratio = log_update_ratio
         self.on_nonfinite = on_nonfinite
+        self.log_activations = log_activations
+        self.activation_histograms = activation_histograms
+        self._probe = ActivationProbe(eps=saturation_eps, keep_values=activation_histograms)
         # The alert rules check their own thresholds.
         self.health = Health(
             Thresholds(
@@ -163,6 +174,10 @@ class GradientMonitor(Callback):
                 stall_loss_tol=stall_loss_tol,
                 stall_patience=stall_patience,
                 on_nonfinite=on_nonfinite,
+                dead_fraction=dead_fraction,
+                saturated_fraction=saturated_fraction,
+                symmetric_fraction=symmetric_fraction,
+                activation_patience=activation_patience,
             )
         )
         # Resolved in `on_train_start`, once the loggers, optimizers and module are known.
@@ -178,6 +193,11 @@ class GradientMonitor(Callback):
         self._measured_once = self._warned_unmeasured = False
         # Stop mode: the first step with a non-finite gradient, kept on device (no sync).
         self._first_bad_step: Tensor | None = None
+        # Parameters that require grad but are in no optimizer's param groups, by name.
+        self._unoptimized: list[tuple[str, Tensor]] = []
+        # The logging step's parameters without a gradient, and those with one no optimizer steps.
+        self._no_gradient: list[str] = []
+        self._not_optimized: list[str] = []
 
     @property
     def history(self) -> dict[str, Any]:
@@ -229,6 +249,24 @@ class GradientMonitor(Callback):
             self._hist_every = 0
         self._names = parameter_names(pl_module)
         self._tags = Tags(list(self._names.values()), num_optimizers=len(trainer.optimizers))
+        stepped = {id(p) for opt in trainer.optimizers for p in optimizer_params(opt)}
+        self._unoptimized = [
+            (self._tags.param(self._names[id(p)]), p)
+            for p in pl_module.parameters()
+            if p.requires_grad and id(p) not in stepped and id(p) in self._names
+        ]
+
+    @override
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        # Activation hooks only for the forward of a step that logs: other steps run without one.
+        if not (self._enabled and self.log_activations and self._scalar_every):
+            return
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if (step + 1) % self._scalar_every == 0:
+            self._probe.detach()
+            self._probe.attach(pl_module, self._names)
 
     @override
     def on_before_optimizer_step(
@@ -250,12 +288,19 @@ class GradientMonitor(Callback):
                 self._track_nonfinite(optimizer_params(optimizer), step)
             return  # the common case: nothing at all
         params = optimizer_params(optimizer)
+        self._probe.detach()  # the forward is over
         self._step, self._write_scalars, self._write_hist = step, write_scalars, write_hist
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         # Optimizers that unscale inside `step()` (fused ones) leave this hook scaled gradients:
         # Lightning does not unscale them, so the values are divided by the scaler's scale.
         scaled = scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False)
         names = [self._names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+        if not self._pending:
+            self._no_gradient = []
+            self._not_optimized = [name for name, p in self._unoptimized if p.grad is not None]
+        self._no_gradient += [
+            self._tags.param(n) for n, p in zip(names, params, strict=True) if p.grad is None
+        ]
         self._pending.append(
             stats.measure(
                 optimizer_index=_index_of(optimizer, trainer.optimizers),
@@ -280,6 +325,7 @@ class GradientMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        self._probe.detach()
         if not self._pending:
             if not (self._measured_once or self._warned_unmeasured):
                 self._warn_if_stepped_outside_lightning(trainer, pl_module)
@@ -330,6 +376,15 @@ class GradientMonitor(Callback):
         if first_bad is not None:
             parts.append(first_bad.reshape(1).to(stats.exact_dtype(first_bad.device)))
             self._first_bad_step = None
+        activations = dict(self._probe.stats) if self._write_scalars else {}
+        self._probe.stats = {}
+        parts += list(activations.values())
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        amp_scale = (
+            scaler._get_scale_async() if scaler is not None and scaler.is_enabled() else None
+        )
+        if amp_scale is not None:
+            parts.append(amp_scale.detach().reshape(1).float())
         jobs_tensors: list[Tensor] = []
         if self._write_hist and self._tb is not None:
             for m in pending:
@@ -344,6 +399,11 @@ class GradientMonitor(Callback):
         clipped_total = next(host)[0] / scale if clipped else None
         loss_value = next(host)[0] if loss is not None and self._write_scalars else None
         bad_step = next(host)[0] if first_bad is not None else -1.0
+        activation_stats = {
+            self._tags.layer(layer): dict(zip(STATS, next(host), strict=True))
+            for layer in activations
+        }
+        amp_scale_value = next(host)[0] if amp_scale is not None else None
         every_stepped = len(trainer.optimizers) <= 1 or len({i for i, _ in measured}) == len(
             trainer.optimizers
         )
@@ -366,7 +426,11 @@ class GradientMonitor(Callback):
                     update_ratios=scalars.update_ratios,
                     loss=loss_value,
                     first_bad_step=int(bad_step) if bad_step >= 0 else None,
-                    overflow_expected=getattr(trainer.precision_plugin, "scaler", None) is not None,
+                    overflow_expected=scaler is not None,
+                    no_gradient=self._no_gradient,
+                    not_optimized=self._not_optimized,
+                    activations=activation_stats,
+                    amp_scale=amp_scale_value,
                 )
             )
             if self.on_nonfinite == "stop" and self.health.nonfinite_now():
@@ -379,10 +443,13 @@ class GradientMonitor(Callback):
             # write nothing.
             return
         for alert in alerts:
-            rank_zero_warn(f"GradientMonitor: {alert.message}", category=GradientAlert)
+            rank_zero_warn(GradientAlert(f"GradientMonitor: {alert.line()}", alert))
             if self._tb is not None:
                 writers.write_alert(self._tb, alert)
         if self._write_scalars:
+            for layer, values in activation_stats.items():
+                for stat in STATS[1:]:
+                    scalars.metrics[f"activation/{stat}/{layer}"] = values[stat]
             writers.write_scalars(trainer.loggers, scalars.metrics, self._step)
         if jobs_tensors and self._tb is not None:
             jobs = self._histogram_jobs(pending, measured)
