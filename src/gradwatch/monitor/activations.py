@@ -11,7 +11,7 @@ The units are the input's channels (dimension 1 of a convolution's input) or its
 
 - ``dead``: the share of units exactly 0 for every sample (ReLU units that never fire);
 - ``saturated``: where every value lies in [0, 1] or [-1, 1] and none is exactly 0 (a sigmoid's or
-  tanh's outputs, not a ReLU's), the share of units within ``eps`` of a bound for at least 99% of
+  tanh's outputs, not a ReLU's), the share of units within ``eps`` of a bound for at least 95% of
   the samples;
 - ``alike``: the share of units that vary over the samples and are a copy of another unit on every
   sample (units that started with the same weights stay the same).
@@ -32,7 +32,7 @@ STATS = ("units", "dead", "saturated", "alike")
 MAX_SAMPLES = 512
 MAX_UNITS = 512
 # A unit saturated on this share of the samples is saturated.
-SATURATED_SAMPLES = 0.99
+SATURATED_SAMPLES = 0.95
 CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
 
 

@@ -3,6 +3,7 @@ delegated: statistics on the device (``stats``), histograms (``histograms``), ta
 (``names``, ``scalars``), alert rules (``health``) and writing (``writers``)."""
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from gradwatch.monitor import arguments, histograms, stats, writers
 from gradwatch.monitor.activations import STATS, ActivationProbe
 from gradwatch.monitor.alerts import GradientAlert
 from gradwatch.monitor.arguments import check_bool, check_int, check_number
+from gradwatch.monitor.fresh import FreshGradients
 from gradwatch.monitor.health import Health, Observation, Thresholds, format_table
 from gradwatch.monitor.names import Tags, optimizer_params, parameter_names, stored_values
 from gradwatch.monitor.scalars import step_scalars
@@ -135,7 +137,7 @@ class GradientMonitor(Callback):
         log_activations: bool = True,
         activation_histograms: bool = False,
         saturation_eps: float = 1e-3,
-        dead_fraction: float = 0.5,
+        dead_fraction: float = 0.75,
         saturated_fraction: float = 0.5,
         symmetric_fraction: float = 0.5,
         activation_patience: int = 3,
@@ -198,6 +200,9 @@ class GradientMonitor(Callback):
         # The logging step's parameters without a gradient, and those with one no optimizer steps.
         self._no_gradient: list[str] = []
         self._not_optimized: list[str] = []
+        self._read_first_loss = False
+        self._fresh = FreshGradients()
+        self._carried: list[Tensor] = []  # per optimizer of the step: (carried, fresh) norms
 
     @property
     def history(self) -> dict[str, Any]:
@@ -267,6 +272,11 @@ class GradientMonitor(Callback):
         if (step + 1) % self._scalar_every == 0:
             self._probe.detach()
             self._probe.attach(pl_module, self._names)
+            if (
+                trainer.world_size == 1
+                and getattr(trainer.precision_plugin, "scaler", None) is None
+            ):
+                self._fresh.attach([p for opt in trainer.optimizers for p in optimizer_params(opt)])
 
     @override
     def on_before_optimizer_step(
@@ -301,6 +311,10 @@ class GradientMonitor(Callback):
         self._no_gradient += [
             self._tags.param(n) for n, p in zip(names, params, strict=True) if p.grad is None
         ]
+        if self._fresh.sums:
+            carried = self._fresh.carried_and_fresh(params)
+            if carried is not None:
+                self._carried.append(carried)
         self._pending.append(
             stats.measure(
                 optimizer_index=_index_of(optimizer, trainer.optimizers),
@@ -326,6 +340,19 @@ class GradientMonitor(Callback):
         batch_idx: int,
     ) -> None:
         self._probe.detach()
+        self._fresh.detach()
+        if self._pending:
+            self._fresh.sums = {}  # measured: the next logging step sums its own
+        if self.health.observed.first_loss is None and not self._read_first_loss:
+            self._read_first_loss = True
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            # The rules measure progress from the loss at the start; the first logged one may
+            # come after the damage (a run that diverges in a few steps). Read once (a host
+            # sync, at the first step only), in a single process: each rank's own loss would
+            # give the ranks different alerts.
+            if isinstance(loss, Tensor) and trainer.world_size == 1 and loss.numel() == 1:
+                value = float(loss.detach())
+                self.health.observed.first_loss = value if math.isfinite(value) else None
         if not self._pending:
             if not (self._measured_once or self._warned_unmeasured):
                 self._warn_if_stepped_outside_lightning(trainer, pl_module)
@@ -379,6 +406,10 @@ class GradientMonitor(Callback):
         activations = dict(self._probe.stats) if self._write_scalars else {}
         self._probe.stats = {}
         parts += list(activations.values())
+        carried = torch.stack(self._carried).norm(dim=0) if self._carried else None
+        self._carried = []
+        if carried is not None:
+            parts.append(carried)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         amp_scale = (
             scaler._get_scale_async() if scaler is not None and scaler.is_enabled() else None
@@ -403,6 +434,11 @@ class GradientMonitor(Callback):
             self._tags.layer(layer): dict(zip(STATS, next(host), strict=True))
             for layer in activations
         }
+        carried_share = None
+        if carried is not None:
+            carried_norm, fresh_norm = next(host)
+            if math.isfinite(carried_norm) and math.isfinite(fresh_norm) and fresh_norm > 0:
+                carried_share = carried_norm / fresh_norm
         amp_scale_value = next(host)[0] if amp_scale is not None else None
         every_stepped = len(trainer.optimizers) <= 1 or len({i for i, _ in measured}) == len(
             trainer.optimizers
@@ -431,6 +467,8 @@ class GradientMonitor(Callback):
                     not_optimized=self._not_optimized,
                     activations=activation_stats,
                     amp_scale=amp_scale_value,
+                    weight_norms=scalars.weight_norms,
+                    carried_gradient=carried_share,
                 )
             )
             if self.on_nonfinite == "stop" and self.health.nonfinite_now():

@@ -31,7 +31,9 @@ EXPLAINED_BY = {
     "vanishing": {"dead_units", "saturated_units", "symmetric_units", "no_gradient"},
     "diverging": {"exploding", "accumulating", "nonfinite"},
     "exploding": {"accumulating"},
-    "accumulating": {"diverging", "exploding", "nonfinite"},
+    "accumulating": {"nonfinite"},
+    "dead_units": {"diverging"},
+    "saturated_units": {"diverging"},
     "no_signal": {
         "vanishing",
         "dead_units",
@@ -71,12 +73,13 @@ class Health:
             findings += found if isinstance(found, list) else [found] if found else []
         active: set[str] = set()
         alerts = []
-        reported = {a["kind"] for a in self.alerts}
+        # What explains a finding may be seen at this step or have been reported before.
+        present = {a["kind"] for a in self.alerts} | {f.kind for f in findings}
         for f in findings:
             keys = {lay: f"{f.kind}:{lay}" for lay in f.layers} if f.details else {}
             whole = f"{f.kind}:{f.key}" if f.key else f.kind
             active.update(keys.values() or [whole])
-            if EXPLAINED_BY.get(f.kind, set()) & (reported | {a.kind for a in alerts}):
+            if EXPLAINED_BY.get(f.kind, set()) & present:
                 continue
             if f.details:
                 new = [lay for lay, key in keys.items() if key not in self._active]

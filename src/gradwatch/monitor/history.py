@@ -28,6 +28,10 @@ class Observation:
         activations: per layer, statistics of its outputs as the next layer receives them:
             ``units``, and the shares ``dead``, ``saturated`` and ``alike`` (see ``activations``).
         amp_scale: the GradScaler's scale after the step, under fp16 mixed precision.
+        weight_norms: per layer, the L2 norm of its weights before the step.
+        carried_gradient: the norm of what ``.grad`` held beyond the step's own backward (carried
+            over from earlier steps) over the norm of the backward's gradient; None where it is
+            not measured (DDP, AMP).
     """
 
     step: int
@@ -42,6 +46,8 @@ class Observation:
     not_optimized: list[str] = field(default_factory=list)
     activations: dict[str, dict[str, float]] = field(default_factory=dict)
     amp_scale: float | None = None
+    weight_norms: dict[str, float] = field(default_factory=dict)
+    carried_gradient: float | None = None
 
 
 @dataclass

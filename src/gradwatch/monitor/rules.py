@@ -34,6 +34,10 @@ LOSS_SMOOTHING = 5
 # Gradients summed step after step grow by about the same amount at each step: the largest
 # increment at most this many times the smallest.
 ACCUMULATING_EVEN = 4.0
+# .grad holding more than this many times the step's own gradient besides it, this many logs in a
+# row: gradients carried over (a slight excess is a user's own gradient surgery or clipping).
+CARRIED_FACTOR = 2.0
+CARRIED_PATIENCE = 3
 
 
 @dataclass
@@ -65,7 +69,7 @@ class Thresholds:
     no_gradient_patience: int = 3
     # Activations: a layer with at least this share of dead, saturated or alike units, for this
     # many logs in a row.
-    dead_fraction: float = 0.5
+    dead_fraction: float = 0.75
     saturated_fraction: float = 0.5
     symmetric_fraction: float = 0.5
     activation_patience: int = 3
@@ -190,8 +194,32 @@ def vanishing(h: History, t: Thresholds) -> Finding | None:
 
 def exploding(h: History, t: Thresholds) -> list[Finding]:
     """A total norm above ``exploding_factor`` times its running median (over the last
-    ``exploding_window`` logs, at least five of them)."""
+    ``exploding_window`` logs, at least five of them); or, from the first log, the whole model's
+    gradient above ``exploding_factor`` times its weights' norm while the optimizer's steps stay
+    below ``diverging_update_ratio`` (large steps are ``diverging``'s)."""
     found = []
+    obs = h.last
+    grad, weight = obs.totals.get("total"), _combined(obs.weight_norms.values())
+    ratios = obs.update_ratios.values()
+    if (
+        grad is not None
+        and math.isfinite(grad)
+        and weight > 0
+        and grad > t.exploding_factor * weight
+        and (not ratios or max(ratios) < t.diverging_update_ratio)
+    ):
+        found.append(
+            Finding(
+                "exploding",
+                f"exploding gradients at step {obs.step}: the total norm {grad:.3e} is more than"
+                f" {t.exploding_factor:g}x the weights' norm {weight:.3e}",
+                "check the initialisation's scale (the default, He or Xavier), add normalisation"
+                " (BatchNorm, LayerNorm), clip the gradients (Trainer(gradient_clip_val=1.0))",
+                evidence={"total": grad, "weight_norm": weight},
+                key="total",
+            )
+        )
+        return found
     for key, total in h.last.totals.items():
         series = [o.totals[key] for o in h.observations if key in o.totals]
         earlier = [v for v in series[-t.exploding_window - 1 : -1] if math.isfinite(v)]
@@ -218,9 +246,24 @@ def exploding(h: History, t: Thresholds) -> list[Finding]:
 
 
 def accumulating(h: History, t: Thresholds) -> Finding | None:
-    """The total norm grew at each of ``accumulating_patience`` logs in a row, by
-    ``accumulating_growth`` in all, while the loss did not fall: gradients that are summed step
-    after step (no ``zero_grad``) rather than a model that learns."""
+    """Gradients summed step after step (no ``zero_grad``): ``.grad`` held more than
+    ``CARRIED_FACTOR`` times the step's own backward gradient on top of it, ``CARRIED_PATIENCE``
+    logs in a row; or, where that is not measured, the total norm grew by similar amounts at each
+    of ``accumulating_patience`` logs in a row, by ``accumulating_growth`` in all, while the loss
+    did not fall."""
+    carried = [o.carried_gradient for o in h.observations[-CARRIED_PATIENCE:]]
+    if len(carried) == CARRIED_PATIENCE and all(
+        c is not None and c > CARRIED_FACTOR for c in carried
+    ):
+        return Finding(
+            "accumulating",
+            f"gradients carried over from earlier steps at step {h.last.step}: what the optimizer"
+            f" steps with is {carried[-1]:.3g} times the step's own gradient on top of it, for"
+            f" {CARRIED_PATIENCE} logged steps in a row: zero_grad is not called",
+            "call optimizer.zero_grad() every step (with manual optimization, after opt.step());"
+            " with accumulation on purpose, zero after each optimizer step",
+            evidence={"carried_over_fresh": carried},
+        )
     series = [o.totals.get("total", math.nan) for o in h.observations]
     n = t.accumulating_patience
     if len(series) <= n or not all(math.isfinite(v) for v in series[-n - 1 :]):
@@ -352,7 +395,7 @@ def diverging(h: History, t: Thresholds) -> Finding | None:
     move by more than ``diverging_update_ratio`` of their size per step while the loss makes no
     progress: the steps are too large."""
     losses = h.losses()
-    if len(losses) < LOSS_SMOOTHING or h.first_loss is None:
+    if len(losses) < 2 or h.first_loss is None:
         return None
     smooth = _smoothed(losses)
     first, best, now = h.first_loss, min(smooth), smooth[-1]
@@ -538,6 +581,11 @@ def _low(obs: Observation, lay: str, h: History, t: Thresholds) -> bool:
         return False
     v, median = obs.layer_norms[lay], statistics.median(finite)
     return v < t.vanishing_fraction * median or v < t.vanishing_threshold <= median
+
+
+def _combined(norms) -> float:
+    """The L2 norm of parts from the parts' norms."""
+    return math.sqrt(math.fsum(v * v for v in norms if math.isfinite(v)))
 
 
 def _median_norm(obs: Observation) -> float:
