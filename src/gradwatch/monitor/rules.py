@@ -337,7 +337,7 @@ def skipped_steps(h: History, t: Thresholds) -> Finding | None:
     if not scales:
         return None
     falling = len(scales) > n and all(
-        b < a for a, b in zip(scales[-n - 1 :], scales[-n:], strict=True)
+        b < a for a, b in zip(scales[-n - 1 : -1], scales[-n:], strict=True)
     )
     if not (falling or scales[-1] < 1.0):
         return None

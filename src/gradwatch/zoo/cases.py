@@ -239,7 +239,7 @@ def vanishing_fixed():
 CASES = [
     Case("lr too small (the tutorial)", "stall", None, lr_too_small, steps=500),
     Case("lr too large", "diverging", None, lr_too_large),
-    Case("exploding by initial scale", "exploding", None, exploding_init),
+    Case("exploding by initial scale", "exploding", None, exploding_init, fast=False),
     Case("vanishing by depth (sigmoid)", "vanishing", "fc1", vanishing_depth),
     Case("saturated tanh (large weights)", "saturated_units", "fc1", saturated),
     Case("dead ReLUs (negative bias)", "dead_units", "fc1", dead_relu),
@@ -254,8 +254,8 @@ CASES = [
     Case("fp16 overflow (GPU)", "skipped_steps", None, fp16_overflow, gpu=True),
     Case("XOR with Adam", None, None, xor_adam, steps=500),
     Case("moons, ReLU MLP", None, None, moons_relu, steps=500),
-    Case("spiral, tanh MLP", None, None, spiral_tanh, steps=500),
-    Case("CNN on bars", None, None, cnn, steps=500),
-    Case("transformer on sequences", None, None, transformer, steps=500),
+    Case("spiral, tanh MLP", None, None, spiral_tanh, steps=500, fast=False),
+    Case("CNN on bars", None, None, cnn, steps=500, fast=False),
+    Case("transformer on sequences", None, None, transformer, steps=500, fast=False),
     Case("vanishing fixed (ReLU, He init)", None, None, vanishing_fixed, steps=500),
 ]
