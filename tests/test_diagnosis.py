@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from test_monitor import Module, fit, read_events, scalars
+from test_monitor import Module, fit, histograms, read_events, scalars
 from torch import nn
 
 from gradwatch.monitor import GradientAlert, GradientMonitor
@@ -75,6 +75,21 @@ def test_activation_statistics_on_logging_steps_only(tmp_path):
             assert values[f"activation/{stat}/fc1"][step] == pytest.approx(expected[stat])
     # The output layer feeds nothing: no statistics of its own.
     assert not [t for t in values if t.startswith("activation/") and t.endswith("/fc2")]
+
+
+def test_activation_histograms_on_request(tmp_path):
+    torch.manual_seed(0)
+    net = ReluNet()
+    monitor = GradientMonitor(activation_histograms=True, histogram_every_n_steps=4)
+    trainer, _ = fit(
+        tmp_path, monitor, module=lambda: Module(net=net), max_epochs=8, log_every_n_steps=4
+    )
+    hists = histograms(read_events(trainer.logger.log_dir))
+    assert sorted(hists["activation_hist/fc1"]) == [3, 7]
+    h = hists["activation_hist/fc1"][7]
+    received = net.received[7]
+    assert (h.num, h.min, h.max) == (received.numel(), received.min(), received.max())
+    assert h.sum == pytest.approx(received.sum().item(), rel=1e-6)
 
 
 def test_an_alert_is_one_object_everywhere(tmp_path):

@@ -28,6 +28,7 @@ DEFAULT_RUN = (
     "trainer.gradient_clip_val=1.0",
     # The tutorial's tensors (1 to 4 values) are under the default minimum for a histogram.
     "callbacks.gradient_monitor.histogram_min_values=1",
+    "callbacks.gradient_monitor.activation_histograms=true",
 )
 # Rows written only when something is wrong, so absent from a healthy run; test_monitor.py checks
 # that a run with NaN gradients writes them.
@@ -73,7 +74,7 @@ def expand(pattern: str) -> list[str]:
     """Concrete regexes for the presence check: every layer, param and norm named above."""
     out = [pattern]
     # The output layer feeds no other layer: only the hidden one has activation statistics.
-    layers = ("fc1",) if pattern.startswith("activation/") else LAYERS
+    layers = ("fc1",) if pattern.startswith("activation") else LAYERS
     for placeholder, values in (("<layer>", layers), ("<param>", PARAMS), ("<p>", NORMS)):
         if placeholder in pattern:
             out = [o.replace(placeholder, v) for o in out for v in values]

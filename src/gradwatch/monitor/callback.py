@@ -404,7 +404,11 @@ class GradientMonitor(Callback):
             parts.append(first_bad.reshape(1).to(stats.exact_dtype(first_bad.device)))
             self._first_bad_step = None
         activations = dict(self._probe.stats) if self._write_scalars else {}
-        self._probe.stats = {}
+        # Activation histograms (on request): the outputs the probe kept, under the layer's tag.
+        activation_values = {
+            self._tags.layer(layer): values for layer, values in self._probe.values.items()
+        }
+        self._probe.stats, self._probe.values = {}, {}
         parts += list(activations.values())
         carried = torch.stack(self._carried).norm(dim=0) if self._carried else None
         self._carried = []
@@ -422,6 +426,7 @@ class GradientMonitor(Callback):
                 jobs_tensors += [
                     t for t in (m.grad_copies or []) + (m.before or []) if self._drawn(t)
                 ]
+            jobs_tensors += list(activation_values.values())
             parts += histograms.device_stats(jobs_tensors)
 
         host = stats.to_host(parts)  # the one transfer of the step
@@ -491,6 +496,11 @@ class GradientMonitor(Callback):
             writers.write_scalars(trainer.loggers, scalars.metrics, self._step)
         if jobs_tensors and self._tb is not None:
             jobs = self._histogram_jobs(pending, measured)
+            # Their norms are not among the scalars: NaN has them taken with the bins.
+            jobs += [
+                histograms.Job(f"activation_hist/{layer}", values, math.nan)
+                for layer, values in activation_values.items()
+            ]
             hists = histograms.histograms(jobs, host, self.bins)
             writers.write_histograms(self._tb, hists, self._step)
 
