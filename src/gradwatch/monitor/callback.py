@@ -94,8 +94,15 @@ class GradientMonitor(Callback):
         log_update_ratio: write ``update_ratio/<layer>`` (costs a copy of the weights on logging
             steps). The stall alert needs it.
         vanishing_threshold, vanishing_fraction, vanishing_patience, exploding_factor,
-        exploding_window, stall_update_ratio, stall_loss_tol, stall_patience: when the alerts
-            fire (:class:`gradwatch.monitor.health.Health`).
+        exploding_window, stall_update_ratio, stall_loss_tol, stall_patience, dead_fraction,
+        saturated_fraction, symmetric_fraction, activation_patience: when the alerts fire
+            (:class:`gradwatch.monitor.rules.Thresholds`; the rules are in ``rules.py``).
+        log_activations: write ``activation/dead|saturated|alike/<layer>`` from forward pre-hooks
+            attached for the forward of logging steps only (off under ``torch.compile``, where
+            hooks would recompile the module). The dead, saturated and symmetric units alerts
+            need them.
+        activation_histograms: write ``activation_hist/<layer>`` on histogram steps.
+        saturation_eps: how close to a sigmoid's or tanh's bound a saturated output is.
         on_nonfinite: ``"warn"``: alert and continue. ``"stop"``: alert and set
             ``trainer.should_stop``; training ends after the logging step that first sees a
             non-finite gradient (checked on device every step, read back on logging steps).
@@ -201,6 +208,7 @@ class GradientMonitor(Callback):
         self._no_gradient: list[str] = []
         self._not_optimized: list[str] = []
         self._read_first_loss = False
+        self._hooks_allowed = True
         self._fresh = FreshGradients()
         self._carried: list[Tensor] = []  # per optimizer of the step: (carried, fresh) norms
 
@@ -254,6 +262,11 @@ class GradientMonitor(Callback):
             self._hist_every = 0
         self._names = parameter_names(pl_module)
         self._tags = Tags(list(self._names.values()), num_optimizers=len(trainer.optimizers))
+        # Hooks added and removed around a compiled module's forward would recompile it at every
+        # logging step: under torch.compile the hook-based statistics are off.
+        self._hooks_allowed = not any(
+            type(m).__name__ == "OptimizedModule" for m in pl_module.modules()
+        )
         stepped = {id(p) for opt in trainer.optimizers for p in optimizer_params(opt)}
         self._unoptimized = [
             (self._tags.param(self._names[id(p)]), p)
@@ -266,12 +279,13 @@ class GradientMonitor(Callback):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
         # Activation hooks only for the forward of a step that logs: other steps run without one.
-        if not (self._enabled and self.log_activations and self._scalar_every):
+        if not (self._enabled and self._hooks_allowed and self._scalar_every):
             return
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
         if (step + 1) % self._scalar_every == 0:
-            self._probe.detach()
-            self._probe.attach(pl_module, self._names)
+            if self.log_activations:
+                self._probe.detach()
+                self._probe.attach(pl_module, self._names)
             if (
                 trainer.world_size == 1
                 and getattr(trainer.precision_plugin, "scaler", None) is None

@@ -55,7 +55,9 @@ class FreshGradients:
         pairs = [(g, s) for g, s in pairs if g.layout == torch.strided and g.shape == s.shape]
         if not pairs:
             return None
-        grads, sums = [g for g, _ in pairs], [s.to(g.dtype) for g, s in pairs]
-        carried = torch.stack(torch._foreach_norm(torch._foreach_sub(grads, sums))).norm()
-        fresh = torch.stack(torch._foreach_norm(sums)).norm()
+        # One parameter at a time: a difference of every gradient at once would be one more copy
+        # of all of them in memory.
+        carried = torch.stack([torch.linalg.vector_norm(g - s.to(g.dtype)) for g, s in pairs])
+        fresh = torch.stack(torch._foreach_norm([s for _, s in pairs]))
+        carried, fresh = carried.norm(), fresh.norm()
         return torch.stack([carried.float(), fresh.float()])
