@@ -156,6 +156,9 @@ def test_accumulating_sees_gradients_carried_over_or_evenly_growing_norms():
     carried = [obs(s, carried_gradient=c) for s, c in enumerate([0.0, 3.0, 5.0, 7.0])]
     assert "carried over" in rules.accumulating(history(carried), T).message
     assert rules.accumulating(history(carried[:3]), T) is None  # 0.0 is in the last three
+    # Measured and nothing carried over: growing norms are the model's, not zero_grad's.
+    measured = [obs(s, totals={"total": 1.0 + s}, loss=0.7, carried_gradient=0.0) for s in range(7)]
+    assert rules.accumulating(history(measured), T) is None
     # Not measured (DDP, AMP): norms that grow by about the same amount while the loss stays.
     growing = [obs(s, totals={"total": 1.0 + s}, loss=0.7) for s in range(7)]
     assert "rose at each" in rules.accumulating(history(growing), T).message

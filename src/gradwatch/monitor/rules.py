@@ -264,6 +264,8 @@ def accumulating(h: History, t: Thresholds) -> Finding | None:
             " with accumulation on purpose, zero after each optimizer step",
             evidence={"carried_over_fresh": carried},
         )
+    if h.last.carried_gradient is not None:
+        return None  # measured: the norms' shape is only a guess where it is not
     series = [o.totals.get("total", math.nan) for o in h.observations]
     n = t.accumulating_patience
     if len(series) <= n or not all(math.isfinite(v) for v in series[-n - 1 :]):
