@@ -128,3 +128,19 @@ def test_an_alert_is_one_object_everywhere(tmp_path):
     }
     (text,) = read_events(trainer.logger.log_dir).Tensors("alerts/text_summary")
     assert text.tensor_proto.string_val[0].decode().startswith("**no_gradient**: parameters")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"log_activations": "yes"}, "log_activations must be true or false"),
+        ({"activation_histograms": 1}, "activation_histograms must be true or false"),
+        ({"saturation_eps": 0}, r"saturation_eps must be a number in \(0, 0.5\)"),
+        ({"dead_fraction": 2}, r"dead_fraction must be a number in \(0, 1\]"),
+        ({"symmetric_fraction": 0}, r"symmetric_fraction must be a number in \(0, 1\]"),
+        ({"activation_patience": 0}, "activation_patience must be an int >= 1"),
+    ],
+)
+def test_activation_arguments_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GradientMonitor(**kwargs)
