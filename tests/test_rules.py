@@ -114,6 +114,9 @@ def test_nonfinite_names_the_layers_and_spares_the_scalers_overflow():
     assert found.layers == ["fc1"] and "fc1 (3 values)" in found.message
     overflow = obs(0, nonfinite={"fc1": 3}, overflow_expected=True, loss=0.5)
     assert rules.nonfinite(history([overflow]), T) is None
+    # Under a scaler even an Inf loss is a skipped step, not applied to the weights.
+    overflow.loss = float("inf")
+    assert rules.nonfinite(history([overflow]), T) is None
 
 
 def test_stall_is_a_flat_loss_with_tiny_steps():
@@ -194,6 +197,11 @@ def test_skipped_steps_is_a_scale_that_keeps_falling():
     steady = [obs(s, amp_scale=1024.0) for s in range(4)]
     assert rules.skipped_steps(history(steady), T) is None
     assert rules.skipped_steps(history([obs(0, amp_scale=0.5)]), T) is not None
+    # Most of the steps since the last log skipped: 6 halvings in 10 steps.
+    two = [obs(9, amp_scale=65536.0), obs(19, amp_scale=1024.0)]
+    assert rules.skipped_steps(history(two), T) is not None
+    two[1].amp_scale = 32768.0  # one skip in ten steps: a scaler finding its scale
+    assert rules.skipped_steps(history(two), T) is None
 
 
 def test_the_cause_wins_over_the_symptom():

@@ -133,10 +133,12 @@ class Finding:
 
 
 def nonfinite(h: History, t: Thresholds) -> Finding | None:
-    """NaN or Inf gradients, naming the layers (a GradScaler's overflow is not the model's)."""
+    """NaN or Inf gradients, naming the layers. Under a GradScaler they are not applied: the
+    scaler skips the step (a few times while it finds its scale); ``skipped_steps`` reports it
+    when it keeps skipping."""
     obs = h.last
     bad = {lay: int(c) for lay, c in obs.nonfinite.items() if c > 0}
-    if bad and obs.overflow_expected and _finite(obs.loss):
+    if obs.overflow_expected:
         bad = {}
     if not bad and obs.first_bad_step is None:
         return None
@@ -332,28 +334,39 @@ def not_optimized(h: History, t: Thresholds) -> Finding | None:
 
 
 def skipped_steps(h: History, t: Thresholds) -> Finding | None:
-    """Under fp16 mixed precision, the GradScaler's scale fell at ``skipped_patience`` logs in a
-    row, or below 1: it keeps skipping optimizer steps because the gradients overflow."""
-    scales = [o.amp_scale for o in h.observations if o.amp_scale is not None]
-    n = t.skipped_patience
-    if not scales:
+    """Under fp16 mixed precision, the GradScaler keeps skipping optimizer steps because the
+    gradients overflow: its scale (halved at each skipped step) fell at ``skipped_patience`` logs
+    in a row, or by at least half as many halvings as steps since the previous log, or below 1."""
+    logged = [(o.step, o.amp_scale) for o in h.observations if o.amp_scale is not None]
+    if not logged:
         return None
+    n = t.skipped_patience
+    scales = [scale for _, scale in logged]
     falling = len(scales) > n and all(
         b < a for a, b in zip(scales[-n - 1 : -1], scales[-n:], strict=True)
     )
-    if not (falling or scales[-1] < 1.0):
+    mostly_skipped = False
+    if len(logged) >= 2 and scales[-1] > 0:
+        (step_before, before), (step_now, now) = logged[-2], logged[-1]
+        mostly_skipped = math.log2(before / now) >= 0.5 * max(1, step_now - step_before)
+    if not (falling or mostly_skipped or scales[-1] < 1.0):
         return None
-    # The scale halves at each skipped step: the steps skipped since n logs ago, at least.
     first = scales[-n - 1] if len(scales) > n else scales[0]
     skipped = max(0, round(math.log2(first / scales[-1]))) if scales[-1] > 0 else None
     return Finding(
         "skipped_steps",
         f"the AMP GradScaler keeps skipping steps at step {h.last.step}: its scale fell to"
-        f" {scales[-1]:.3g} (from {first:.3g} {n} logs before, at least {skipped} skipped steps):"
-        " the fp16 gradients overflow",
+        f" {scales[-1]:.3g} (from {first:.3g}, at least {skipped} skipped steps): the fp16"
+        " values overflow",
         "train in bf16 (precision='bf16-mixed') or fp32, keep the overflowing operation in fp32"
-        " (a large sum, a softmax, a loss), lower the learning rate, or clip the gradients",
-        evidence={"scale": scales[-1], "scale_before": first, "skipped_at_least": skipped},
+        " (a large sum, a softmax, a loss), scale the inputs down, lower the learning rate, or"
+        " clip the gradients",
+        evidence={
+            "scale": scales[-1],
+            "scale_before": first,
+            "skipped_at_least": skipped,
+            "loss": _plain(h.last.loss),
+        },
     )
 
 

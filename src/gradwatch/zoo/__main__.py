@@ -20,7 +20,7 @@ def main(argv: list[str]) -> int:
         print(f"{case.name}: {r.said} ({r.seconds:.1f} s)", file=sys.stderr, flush=True)
     print(table(results))
     print(f"\nthe zoo took {time.perf_counter() - start:.0f} s")
-    return 0 if all(r.right is not False for r in results) else 1
+    return 0 if all(r.right for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ class Case:
         layer: the layer (or parameter) the alert should name, where one is at fault.
         build: seed -> (module, (x, y) in memory, batch size or None for the full batch).
         steps: optimizer steps to train.
-        gpu: needs CUDA (fp16 mixed precision).
+        fp16: trains in fp16 mixed precision with a GradScaler (on CUDA where there is one,
+            else with CPU autocast).
         fast: short enough for ``make test``.
     """
 
@@ -32,7 +33,7 @@ class Case:
     layer: str | None
     build: Callable[[], tuple[ZooModule, tuple[Tensor, Tensor], int | None]]
     steps: int = 300
-    gpu: bool = False
+    fp16: bool = False
     fast: bool = True
 
 
@@ -186,13 +187,15 @@ def shuffled_labels():
 
 
 def fp16_overflow():
-    # Under fp16 the logits overflow (a weight scaled far out of fp16's range): the GradScaler
-    # skips every step.
+    # Inputs in the thousands through a layer with weights 100x the default: fc1's outputs pass
+    # fp16's largest value (65504), the loss is Inf at every step, and the GradScaler skips
+    # every step, halving its scale each time.
     seeded()
     net = mlp([2, 64, 1], "relu")
     with torch.no_grad():
-        net.fc2.weight.mul_(1e4)
-    return ZooModule(net, "bce", sgd(0.01)), moons(), 64
+        net.fc1.weight.mul_(100.0)
+    x, y = moons()
+    return ZooModule(net, "bce", sgd(0.01)), (1000 * x, y), 64
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,9 +254,10 @@ CASES = [
     Case("no zero_grad (manual optimization)", "accumulating", None, no_zero_grad),
     Case("loss summed, not averaged", "diverging", None, summed_loss),
     Case("shuffled labels", "no_signal", None, shuffled_labels, steps=500),
-    Case("fp16 overflow (GPU)", "skipped_steps", None, fp16_overflow, gpu=True),
+    Case("fp16 overflow", "skipped_steps", None, fp16_overflow, fp16=True),
     Case("XOR with Adam", None, None, xor_adam, steps=500),
     Case("moons, ReLU MLP", None, None, moons_relu, steps=500),
+    Case("moons, ReLU MLP in fp16", None, None, moons_relu, steps=500, fp16=True),
     Case("spiral, tanh MLP", None, None, spiral_tanh, steps=500, fast=False),
     Case("CNN on bars", None, None, cnn, steps=500, fast=False),
     Case("transformer on sequences", None, None, transformer, steps=500, fast=False),
