@@ -125,7 +125,7 @@ def unit_stats(x: Tensor, eps: float) -> Tensor:
     twin[:-1] |= close
     same = torch.empty_like(twin).scatter_(0, order, twin)
     # Units that do not vary (dead, or saturated on every sample) are alike for another reason.
-    varies = x.std(0) > 0
+    varies = x.amax(0) > x.amin(0)
     alike = same & varies & ~saturated
     share = torch.stack([dead, saturated, alike]).float().mean(1)
     return torch.cat([torch.tensor([float(n_units)], device=x.device), share])
