@@ -26,7 +26,7 @@ from gradwatch.monitor.arguments import check_choice, check_int, check_number
 from gradwatch.monitor.history import History, Observation
 
 NONFINITE_POLICIES = ("warn", "stop")
-# A loss this fraction of its first logged value means training has converged: tiny gradients are
+# A loss this fraction of the run's first loss means training has converged: tiny gradients are
 # the goal, not a fault.
 CONVERGED_LOSS_FRACTION = 1e-6
 # Losses are compared as medians of this many logs: a mini-batch's loss is noisy.
@@ -42,7 +42,9 @@ CARRIED_PATIENCE = 3
 
 @dataclass
 class Thresholds:
-    """When the rules fire; the monitor's arguments of the same names (checked there)."""
+    """When the rules fire, each value checked here. The first ones and the activation shares
+    are :class:`GradientMonitor` arguments of the same names; the others keep these defaults
+    unless a ``Health`` is built by hand."""
 
     vanishing_threshold: float = 1e-7
     vanishing_fraction: float = 1e-3
@@ -406,9 +408,10 @@ def stall(h: History, t: Thresholds) -> Finding | None:
 
 def diverging(h: History, t: Thresholds) -> Finding | None:
     """The loss (a median of ``LOSS_SMOOTHING`` logs) rose ``diverging_factor`` times above its
-    first value, or lost ``diverging_lost_progress`` of the progress it had made; or the weights
-    move by more than ``diverging_update_ratio`` of their size per step while the loss makes no
-    progress: the steps are too large."""
+    first value, or lost ``diverging_lost_progress`` of the progress it had made; or at each of
+    the last ``LOSS_SMOOTHING`` logs some layer's weights moved by more than
+    ``diverging_update_ratio`` of their size while the loss made no progress: the steps are too
+    large."""
     losses = h.losses()
     if len(losses) < 2 or h.first_loss is None:
         return None
@@ -430,8 +433,9 @@ def diverging(h: History, t: Thresholds) -> Finding | None:
         what = f"the loss rose to {now:.4g} (first {first:.4g}, best {best:.4g})"
     else:
         what = (
-            f"every layer's weights change by more than {t.diverging_update_ratio:g} of their"
-            f" size per step (at least {min(ratios):.2e}) while the loss stays at {now:.4g}"
+            f"the weights change by more than {t.diverging_update_ratio:g} of their size per"
+            f" step (at least {min(ratios):.2e} at each of the last {len(ratios)} logged steps)"
+            f" while the loss stays at {now:.4g}"
         )
     return Finding(
         "diverging",
@@ -442,16 +446,17 @@ def diverging(h: History, t: Thresholds) -> Finding | None:
             "loss": now,
             "first_loss": first,
             "best_loss": best,
-            "smallest_largest_update_ratio": min(ratios) if ratios else None,
+            "largest_update_ratio_at_least": min(ratios) if ratios else None,
         },
     )
 
 
 def no_signal(h: History, t: Thresholds) -> Finding | None:
-    """After ``no_signal_patience`` logs the loss is still above ``no_signal_progress`` of its
-    first value and flat, while the weights move at a healthy rate (update ratios above
-    ``stall_update_ratio``) and the gradients are finite: the model trains and learns nothing,
-    as when the targets carry no signal about the inputs (shuffled labels)."""
+    """For ``no_signal_patience`` logs the loss (a median of ``LOSS_SMOOTHING`` logs) stayed above
+    ``no_signal_progress`` of its first value while the weights moved at a healthy rate (some
+    layer's update ratio above ``stall_update_ratio`` at every log) and the loss stayed finite:
+    the model trains and learns nothing, as when the targets carry no signal about the inputs
+    (shuffled labels)."""
     n = t.no_signal_patience
     if len(h.observations) < n or h.first_loss is None:
         return None
