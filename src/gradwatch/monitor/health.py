@@ -28,7 +28,7 @@ __all__ = ["Alert", "GradientAlert", "Health", "Observation", "Thresholds", "for
 # reasons is no sign of targets without signal.
 EXPLAINED_BY = {
     "stall": {"vanishing", "dead_units", "saturated_units", "symmetric_units", "accumulating"},
-    "vanishing": {"dead_units", "saturated_units", "symmetric_units", "no_gradient"},
+    "vanishing": {"dead_units", "saturated_units", "symmetric_units"},
     "diverging": {"exploding", "accumulating", "nonfinite"},
     "exploding": {"accumulating"},
     "accumulating": {"nonfinite"},
