@@ -150,6 +150,10 @@ def test_no_signal_is_a_loss_at_its_start_while_the_weights_move():
     # The same run with tiny steps is a stall's, not this rule's.
     still = [obs(s, loss=0.693, ratios={"fc1": 1e-5}) for s in range(20)]
     assert rules.no_signal(history(still, first_loss=0.695), T) is None
+    # A slow learner (Adam at lr 1e-4 moves its weights by about 1e-3 a step) is not one without
+    # signal.
+    slow = [obs(s, loss=0.693, ratios={"fc1": 1e-3}) for s in range(20)]
+    assert rules.no_signal(history(slow, first_loss=0.695), T) is None
     # Progress made: the loss is a tenth below its start.
     learnt = [obs(s, loss=0.6, ratios={"fc1": 5e-3}) for s in range(20)]
     assert rules.no_signal(history(learnt, first_loss=0.695), T) is None

@@ -60,10 +60,12 @@ class Thresholds:
     diverging_lost_progress: float = 0.5
     diverging_factor: float = 1.5
     diverging_update_ratio: float = 0.1
-    # No signal: after this many logs, the loss still above this share of its first value, flat,
-    # while the weights move at a healthy rate.
+    # No signal: after this many logs, the loss still above this share of its first value while
+    # the weights move briskly (a layer's update ratio at least this, 10x the stall's line, at
+    # every log): a slow learner (Adam at 1e-4 moves by about 1e-3) is not one without signal.
     no_signal_patience: int = 20
     no_signal_progress: float = 0.9
+    no_signal_update_ratio: float = 3e-3
     # Accumulating: the total norm grew at each of this many logs in a row, by this factor in all.
     accumulating_patience: int = 6
     accumulating_growth: float = 3.0
@@ -96,6 +98,7 @@ class Thresholds:
             "stall_update_ratio",
             "stall_loss_tol",
             "diverging_update_ratio",
+            "no_signal_update_ratio",
         ):
             check_number(name, getattr(self, name), "a number >= 0", lambda v: v >= 0)
         for name in ("exploding_factor", "diverging_factor", "accumulating_growth"):
@@ -453,8 +456,8 @@ def diverging(h: History, t: Thresholds) -> Finding | None:
 
 def no_signal(h: History, t: Thresholds) -> Finding | None:
     """For ``no_signal_patience`` logs the loss (a median of ``LOSS_SMOOTHING`` logs) stayed above
-    ``no_signal_progress`` of its first value while the weights moved at a healthy rate (some
-    layer's update ratio above ``stall_update_ratio`` at every log) and the loss stayed finite:
+    ``no_signal_progress`` of its first value while the weights moved briskly (some layer's
+    update ratio above ``no_signal_update_ratio`` at every log) and the loss stayed finite:
     the model trains and learns nothing, as when the targets carry no signal about the inputs
     (shuffled labels)."""
     n = t.no_signal_patience
@@ -466,7 +469,7 @@ def no_signal(h: History, t: Thresholds) -> Finding | None:
         return None
     first = h.first_loss
     smooth = _smoothed(losses)
-    moving = min(max(o.update_ratios.values()) for o in recent) >= t.stall_update_ratio
+    moving = min(max(o.update_ratios.values()) for o in recent) >= t.no_signal_update_ratio
     no_progress = min(smooth) > t.no_signal_progress * first
     if not (moving and no_progress and first > 0):
         return None

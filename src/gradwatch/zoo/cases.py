@@ -213,6 +213,12 @@ def moons_relu():
     return ZooModule(mlp([2, 32, 32, 1], "relu"), "bce", adam(0.01)), moons(), 64
 
 
+def moons_slow_adam():
+    # Adam at lr 1e-4: slow (the loss falls a few percent in 300 steps), but learning.
+    seeded()
+    return ZooModule(mlp([2, 32, 32, 1], "relu"), "bce", adam(1e-4)), moons(), 64
+
+
 def spiral_tanh():
     seeded()
     data = make_dataset("spiral", 768, 0.0, seed=0)
@@ -258,6 +264,7 @@ CASES = [
     Case("XOR with Adam", None, None, xor_adam, steps=500),
     Case("moons, ReLU MLP", None, None, moons_relu, steps=500),
     Case("moons, ReLU MLP in fp16", None, None, moons_relu, steps=500, fp16=True),
+    Case("moons, Adam at lr 1e-4 (slow)", None, None, moons_slow_adam, steps=500),
     Case("spiral, tanh MLP", None, None, spiral_tanh, steps=500, fast=False),
     Case("CNN on bars", None, None, cnn, steps=500, fast=False),
     Case("transformer on sequences", None, None, transformer, steps=500, fast=False),
