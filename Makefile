@@ -20,7 +20,7 @@ RUN_HYDRA = @set -f; set -- $(MAKEOVERRIDES); for o do shift; case "$$o" in \
 	echo "$(PY) -m $(1) $$* $(2)"; $(PY) -m $(1) "$$@" $(2)
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep test test-all bench report tensorboard lint format clean
+.PHONY: help install train sweep test test-all zoo bench report tensorboard lint format clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -50,6 +50,9 @@ test: $(STAMP) ## run the fast tests (slow ones excluded)
 
 test-all: $(STAMP) ## run every test, slow ones included
 	$(PY) -m pytest -q
+
+zoo: $(STAMP) ## broken and healthy trainings: does the monitor name each bug right? (ARGS="dead" for some)
+	$(PY) -m gradwatch.zoo $(ARGS)
 
 bench: $(STAMP) ## benchmark gradwatch against plain PyTorch and other tools
 	$(PY) scripts/bench.py $(ARGS)

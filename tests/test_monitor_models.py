@@ -342,12 +342,19 @@ def test_parameters_without_gradient_get_no_gradient_tags(tmp_path):
         )
         expected = expected_scalars(step, lambda n: n.rsplit(".", 1)[0], {n: n for n in layers})
         assert_tags_and_values(written, expected, f"step {k}")
-    # The layers without gradients are not in the history, so no rule can name them.
+    # The layers without gradients are not in the norms' history: no vanishing can name them.
+    # What names them is the diagnosis that fits: no gradient at all, once, per parameter.
     assert sorted(monitor.history["layers"]) == ["fc1", "fc2"]
-    for alert in monitor.summary()["alerts"]:
-        assert not {"branch", "unused"} & set(alert["layers"])
     for message in gradient_alerts(record, "vanishing"):
         assert "branch" not in message and "unused" not in message
+    (no_gradient,) = [a for a in monitor.summary()["alerts"] if a["kind"] == "no_gradient"]
+    assert set(no_gradient["layers"]) == {
+        "branch.weight",
+        "branch.bias",
+        "unused.weight",
+        "unused.bias",
+    }
+    assert {k for a in monitor.summary()["alerts"] for k in [a["kind"]]} == {"no_gradient"}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ DEFAULT_RUN = (
     "trainer.gradient_clip_val=1.0",
     # The tutorial's tensors (1 to 4 values) are under the default minimum for a histogram.
     "callbacks.gradient_monitor.histogram_min_values=1",
+    "callbacks.gradient_monitor.activation_histograms=true",
 )
 # Rows written only when something is wrong, so absent from a healthy run; test_monitor.py checks
 # that a run with NaN gradients writes them.
@@ -44,10 +45,13 @@ def section(title: str) -> str:
     return text[start : end if end >= 0 else len(text)]
 
 
-def tag_table() -> list[list[str]]:
-    """The tag table (the one headed `| tag | what |`): per row, the backquoted names of its
-    first cell, e.g. ["train/loss", "train/acc"], ["alerts"], ["final/*"]."""
-    lines = section("TensorBoard").splitlines()
+def tag_table(title: str | None = None) -> list[list[str]]:
+    """The tag tables (each headed `| tag | what |`) of the TensorBoard and Diagnosis sections
+    (or of the section ``title``): per row, the backquoted names of its first cell, e.g.
+    ["train/loss", "train/acc"], ["alerts"], ["final/*"]."""
+    if title is None:
+        return tag_table("TensorBoard") + tag_table("Diagnosis: what is wrong, where, and the fix")
+    lines = section(title).splitlines()
     start = lines.index("| tag | what |")
     rows = []
     for line in lines[start + 2 :]:
@@ -69,7 +73,9 @@ def pattern_regex(pattern: str) -> str:
 def expand(pattern: str) -> list[str]:
     """Concrete regexes for the presence check: every layer, param and norm named above."""
     out = [pattern]
-    for placeholder, values in (("<layer>", LAYERS), ("<param>", PARAMS), ("<p>", NORMS)):
+    # The output layer feeds no other layer: only the hidden one has activation statistics.
+    layers = ("fc1",) if pattern.startswith("activation") else LAYERS
+    for placeholder, values in (("<layer>", layers), ("<param>", PARAMS), ("<p>", NORMS)):
         if placeholder in pattern:
             out = [o.replace(placeholder, v) for o in out for v in values]
     return [pattern_regex(o) for o in out]

@@ -59,11 +59,14 @@ def test_lines_print_above_the_bar_and_the_bar_goes(tmp_path: Path) -> None:
     assert len(alerts) == 1, screen
     # Whole, from column 0: not `A` on one line and `LERT ...` on the next, nor after a bar. It
     # is longer than a row: the terminal wraps it onto the next one.
-    alert = lines[alerts[0]]
-    if len(alert) == COLUMNS:
-        alert += lines[alerts[0] + 1]
+    row = alerts[0]
+    alert = lines[row]
+    while len(lines[row]) == COLUMNS:  # a full row: the line goes on in the next one
+        row += 1
+        alert += lines[row]
     assert alert.startswith("ALERT GradientMonitor: training has stalled at step 599: "), screen
-    assert alert.endswith("the learning rate looks too small"), screen
+    assert "the learning rate looks too small [stall]. Fix: raise the learning rate" in alert
+    assert alert.endswith("or use an adaptive optimizer such as Adam"), screen
 
     epochs = [line for line in lines if line.startswith("Epoch ")]
     assert [e.split(",")[0] for e in epochs] == ["Epoch 500", "Epoch 1000", "Epoch 1500"], screen

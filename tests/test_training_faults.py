@@ -123,7 +123,7 @@ def test_nonfinite_gradients_stop_training_and_keep_the_run(make_cfg, step, valu
     nonfinite = [a for a in alerts if "non-finite" in a]
     assert len(nonfinite) == 1, alerts
     assert message in nonfinite[0]
-    assert nonfinite[0].endswith("stopping training (on_nonfinite='stop')")
+    assert "stopping training (on_nonfinite='stop') [nonfinite]. Fix: " in nonfinite[0]
     if step == 14:
         assert "fc2" not in nonfinite[0]
     # Stopped after the logging step that saw it, not at max_epochs.

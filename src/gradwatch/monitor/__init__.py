@@ -7,7 +7,12 @@ what goes wrong. One idea per file:
 - ``stats.py``: norms and counts on the gradients' device, and the one transfer to the host
 - ``histograms.py``: ``torch.histc`` bins over the finite range, in TensorBoard's form
 - ``scalars.py``: per parameter, per layer and total values under their tags
-- ``health.py``: the alert rules, plain Python over host values, and the run's history
+- ``health.py``: the rules once per episode, causes over symptoms, and the run's history
+- ``history.py``: one ``Observation`` per logging step, and their ``History``
+- ``rules.py``: the diagnosis rules, plain functions over a history
+- ``alerts.py``: an ``Alert`` (kind, layers, step, evidence, fix) and the ``GradientAlert`` warning
+- ``activations.py``: dead, saturated and alike units, from hooks on logging steps only
+- ``fresh.py``: a logging step's own gradient, against what ``.grad`` holds (no ``zero_grad``)
 - ``writers.py``: TensorBoard events and every other logger's ``log_metrics``
 """
 

@@ -3,6 +3,7 @@ delegated: statistics on the device (``stats``), histograms (``histograms``), ta
 (``names``, ``scalars``), alert rules (``health``) and writing (``writers``)."""
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -18,14 +19,11 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from gradwatch.monitor import arguments, first_screen, histograms, stats, writers
-from gradwatch.monitor.arguments import check_bool, check_int
-from gradwatch.monitor.health import (
-    GradientAlert,
-    Health,
-    Observation,
-    Thresholds,
-    format_table,
-)
+from gradwatch.monitor.activations import STATS, ActivationProbe
+from gradwatch.monitor.alerts import GradientAlert
+from gradwatch.monitor.arguments import check_bool, check_int, check_number
+from gradwatch.monitor.fresh import FreshGradients
+from gradwatch.monitor.health import Health, Observation, Thresholds, format_table
 from gradwatch.monitor.names import Tags, optimizer_params, parameter_names, stored_values
 from gradwatch.monitor.scalars import step_scalars
 from gradwatch.monitor.stats import Measurement
@@ -96,8 +94,15 @@ class GradientMonitor(Callback):
         log_update_ratio: write ``update_ratio/<layer>`` (costs a copy of the weights on logging
             steps). The stall alert needs it.
         vanishing_threshold, vanishing_fraction, vanishing_patience, exploding_factor,
-        exploding_window, stall_update_ratio, stall_loss_tol, stall_patience: when the alerts
-            fire (:class:`gradwatch.monitor.health.Health`).
+        exploding_window, stall_update_ratio, stall_loss_tol, stall_patience, dead_fraction,
+        saturated_fraction, symmetric_fraction, activation_patience: when the alerts fire
+            (:class:`gradwatch.monitor.rules.Thresholds`; the rules are in ``rules.py``).
+        log_activations: write ``activation/dead|saturated|alike/<layer>`` from forward pre-hooks
+            attached for the forward of logging steps only (off under ``torch.compile``, where
+            hooks would recompile the module). The dead, saturated and symmetric units alerts
+            need them.
+        activation_histograms: write ``activation_hist/<layer>`` on histogram steps.
+        saturation_eps: how close to a sigmoid's or tanh's bound a saturated output is.
         on_nonfinite: ``"warn"``: alert and continue. ``"stop"``: alert and set
             ``trainer.should_stop``; training ends after the logging step that first sees a
             non-finite gradient (checked on device every step, read back on logging steps).
@@ -136,6 +141,13 @@ class GradientMonitor(Callback):
         stall_loss_tol: float = 1e-2,
         stall_patience: int = 10,
         on_nonfinite: str = "warn",
+        log_activations: bool = True,
+        activation_histograms: bool = False,
+        saturation_eps: float = 1e-3,
+        dead_fraction: float = 0.75,
+        saturated_fraction: float = 0.5,
+        symmetric_fraction: float = 0.5,
+        activation_patience: int = 3,
     ) -> None:
         check_int("log_every_n_steps", log_every_n_steps, minimum=0, allow_none=True)
         check_int("histogram_every_n_steps", histogram_every_n_steps, minimum=0, allow_none=True)
@@ -143,6 +155,11 @@ class GradientMonitor(Callback):
         check_int("histogram_min_values", histogram_min_values, minimum=1)
         check_bool("log_weight_norms", log_weight_norms)
         check_bool("log_update_ratio", log_update_ratio)
+        check_bool("log_activations", log_activations)
+        check_bool("activation_histograms", activation_histograms)
+        check_number(
+            "saturation_eps", saturation_eps, "a number in (0, 0.5)", lambda v: 0 < v < 0.5
+        )
         self.norm_types = arguments.norm_types(norm_types)
         self.log_every_n_steps = log_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
@@ -151,6 +168,9 @@ class GradientMonitor(Callback):
         self.log_weight_norms = log_weight_norms
         self.log_update_ratio = log_update_ratio
         self.on_nonfinite = on_nonfinite
+        self.log_activations = log_activations
+        self.activation_histograms = activation_histograms
+        self._probe = ActivationProbe(eps=saturation_eps, keep_values=activation_histograms)
         # The alert rules check their own thresholds.
         self.health = Health(
             Thresholds(
@@ -163,6 +183,10 @@ class GradientMonitor(Callback):
                 stall_loss_tol=stall_loss_tol,
                 stall_patience=stall_patience,
                 on_nonfinite=on_nonfinite,
+                dead_fraction=dead_fraction,
+                saturated_fraction=saturated_fraction,
+                symmetric_fraction=symmetric_fraction,
+                activation_patience=activation_patience,
             )
         )
         # Resolved in `on_train_start`, once the loggers, optimizers and module are known.
@@ -178,6 +202,15 @@ class GradientMonitor(Callback):
         self._measured_once = self._warned_unmeasured = False
         # Stop mode: the first step with a non-finite gradient, kept on device (no sync).
         self._first_bad_step: Tensor | None = None
+        # Parameters that require grad but are in no optimizer's param groups, by name.
+        self._unoptimized: list[tuple[str, Tensor]] = []
+        # The logging step's parameters without a gradient, and those with one no optimizer steps.
+        self._no_gradient: list[str] = []
+        self._not_optimized: list[str] = []
+        self._read_first_loss = False
+        self._hooks_allowed = True
+        self._fresh = FreshGradients()
+        self._carried: list[Tensor] = []  # per optimizer of the step: (carried, fresh) norms
 
     @property
     def history(self) -> dict[str, Any]:
@@ -231,6 +264,35 @@ class GradientMonitor(Callback):
             first_screen.write_layout(self._tb)
         self._names = parameter_names(pl_module)
         self._tags = Tags(list(self._names.values()), num_optimizers=len(trainer.optimizers))
+        # Hooks added and removed around a compiled module's forward would recompile it at every
+        # logging step: under torch.compile the hook-based statistics are off.
+        self._hooks_allowed = not any(
+            type(m).__name__ == "OptimizedModule" for m in pl_module.modules()
+        )
+        stepped = {id(p) for opt in trainer.optimizers for p in optimizer_params(opt)}
+        self._unoptimized = [
+            (self._tags.param(self._names[id(p)]), p)
+            for p in pl_module.parameters()
+            if p.requires_grad and id(p) not in stepped and id(p) in self._names
+        ]
+
+    @override
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        # Activation hooks only for the forward of a step that logs: other steps run without one.
+        if not (self._enabled and self._hooks_allowed and self._scalar_every):
+            return
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if (step + 1) % self._scalar_every == 0:
+            if self.log_activations:
+                self._probe.detach()
+                self._probe.attach(pl_module, self._names)
+            if (
+                trainer.world_size == 1
+                and getattr(trainer.precision_plugin, "scaler", None) is None
+            ):
+                self._fresh.attach([p for opt in trainer.optimizers for p in optimizer_params(opt)])
 
     @override
     def on_before_optimizer_step(
@@ -252,12 +314,23 @@ class GradientMonitor(Callback):
                 self._track_nonfinite(optimizer_params(optimizer), step)
             return  # the common case: nothing at all
         params = optimizer_params(optimizer)
+        self._probe.detach()  # the forward is over
         self._step, self._write_scalars, self._write_hist = step, write_scalars, write_hist
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         # Optimizers that unscale inside `step()` (fused ones) leave this hook scaled gradients:
         # Lightning does not unscale them, so the values are divided by the scaler's scale.
         scaled = scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False)
         names = [self._names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+        if not self._pending:
+            self._no_gradient = []
+            self._not_optimized = [name for name, p in self._unoptimized if p.grad is not None]
+        self._no_gradient += [
+            self._tags.param(n) for n, p in zip(names, params, strict=True) if p.grad is None
+        ]
+        if self._fresh.sums:
+            carried = self._fresh.carried_and_fresh(params)
+            if carried is not None:
+                self._carried.append(carried)
         self._pending.append(
             stats.measure(
                 optimizer_index=_index_of(optimizer, trainer.optimizers),
@@ -282,6 +355,20 @@ class GradientMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        self._probe.detach()
+        self._fresh.detach()
+        if self._pending:
+            self._fresh.sums = {}  # measured: the next logging step sums its own
+        if self.health.observed.first_loss is None and not self._read_first_loss:
+            self._read_first_loss = True
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            # The rules measure progress from the loss at the start; the first logged one may
+            # come after the damage (a run that diverges in a few steps). Read once (a host
+            # sync, at the first step only), in a single process: each rank's own loss would
+            # give the ranks different alerts.
+            if isinstance(loss, Tensor) and trainer.world_size == 1 and loss.numel() == 1:
+                value = float(loss.detach())
+                self.health.observed.first_loss = value if math.isfinite(value) else None
         if not self._pending:
             if not (self._measured_once or self._warned_unmeasured):
                 self._warn_if_stepped_outside_lightning(trainer, pl_module)
@@ -332,12 +419,30 @@ class GradientMonitor(Callback):
         if first_bad is not None:
             parts.append(first_bad.reshape(1).to(stats.exact_dtype(first_bad.device)))
             self._first_bad_step = None
+        activations = dict(self._probe.stats) if self._write_scalars else {}
+        # Activation histograms (on request): the outputs the probe kept, under the layer's tag.
+        activation_values = {
+            self._tags.layer(layer): values for layer, values in self._probe.values.items()
+        }
+        self._probe.stats, self._probe.values = {}, {}
+        parts += list(activations.values())
+        carried = torch.stack(self._carried).norm(dim=0) if self._carried else None
+        self._carried = []
+        if carried is not None:
+            parts.append(carried)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        amp_scale = (
+            scaler._get_scale_async() if scaler is not None and scaler.is_enabled() else None
+        )
+        if amp_scale is not None:
+            parts.append(amp_scale.detach().reshape(1).float())
         jobs_tensors: list[Tensor] = []
         if self._write_hist and self._tb is not None:
             for m in pending:
                 jobs_tensors += [
                     t for t in (m.grad_copies or []) + (m.before or []) if self._drawn(t)
                 ]
+            jobs_tensors += list(activation_values.values())
             parts += histograms.device_stats(jobs_tensors)
 
         host = stats.to_host(parts)  # the one transfer of the step
@@ -346,6 +451,16 @@ class GradientMonitor(Callback):
         clipped_total = next(host)[0] / scale if clipped else None
         loss_value = next(host)[0] if loss is not None and self._write_scalars else None
         bad_step = next(host)[0] if first_bad is not None else -1.0
+        activation_stats = {
+            self._tags.layer(layer): dict(zip(STATS, next(host), strict=True))
+            for layer in activations
+        }
+        carried_share = None
+        if carried is not None:
+            carried_norm, fresh_norm = next(host)
+            if math.isfinite(carried_norm) and math.isfinite(fresh_norm) and fresh_norm > 0:
+                carried_share = carried_norm / fresh_norm
+        amp_scale_value = next(host)[0] if amp_scale is not None else None
         every_stepped = len(trainer.optimizers) <= 1 or len({i for i, _ in measured}) == len(
             trainer.optimizers
         )
@@ -368,7 +483,13 @@ class GradientMonitor(Callback):
                     update_ratios=scalars.update_ratios,
                     loss=loss_value,
                     first_bad_step=int(bad_step) if bad_step >= 0 else None,
-                    overflow_expected=getattr(trainer.precision_plugin, "scaler", None) is not None,
+                    overflow_expected=scaler is not None,
+                    no_gradient=self._no_gradient,
+                    not_optimized=self._not_optimized,
+                    activations=activation_stats,
+                    amp_scale=amp_scale_value,
+                    weight_norms=scalars.weight_norms,
+                    carried_gradient=carried_share,
                 )
             )
             if self.on_nonfinite == "stop" and self.health.nonfinite_now():
@@ -381,14 +502,22 @@ class GradientMonitor(Callback):
             # write nothing.
             return
         for alert in alerts:
-            rank_zero_warn(f"GradientMonitor: {alert.message}", category=GradientAlert)
+            rank_zero_warn(GradientAlert(f"GradientMonitor: {alert.line()}", alert))
             if self._tb is not None:
                 writers.write_alert(self._tb, alert)
         if self._write_scalars:
+            for layer, values in activation_stats.items():
+                for stat in STATS[1:]:
+                    scalars.metrics[f"activation/{stat}/{layer}"] = values[stat]
             log10 = first_screen.log10_scalars(scalars.layer_norms, scalars.update_ratios)
             writers.write_scalars(trainer.loggers, scalars.metrics, self._step, log10)
         if jobs_tensors and self._tb is not None:
             jobs = self._histogram_jobs(pending, measured)
+            # Their norms are not among the scalars: NaN has them taken with the bins.
+            jobs += [
+                histograms.Job(f"activation_hist/{layer}", values, math.nan)
+                for layer, values in activation_values.items()
+            ]
             hists = histograms.histograms(jobs, host, self.bins)
             writers.write_histograms(self._tb, hists, self._step)
 

@@ -24,6 +24,7 @@ class StepScalars:
     totals: dict[str, float] = field(default_factory=dict)  # L2, "total" or per optimizer
     nonfinite: dict[str, float] = field(default_factory=dict)
     update_ratios: dict[str, float] = field(default_factory=dict)
+    weight_norms: dict[str, float] = field(default_factory=dict)  # L2, per layer
 
 
 def family(ord_: float) -> str:
@@ -84,6 +85,10 @@ def step_scalars(
     out.nonfinite = nonfinite
 
     weights = {n: v for _, values in measured for n, v in values.weight_norms.items()}
+    per_layer_weights: dict[str, list[float]] = {}
+    for name, v in weights.items():
+        per_layer_weights.setdefault(tags.layer(layer_of(name)), []).append(v)
+    out.weight_norms = {lay: combine(vs, 2.0) for lay, vs in per_layer_weights.items()}
     if weight_norms:
         for name, v in weights.items():
             metrics[f"weight_norm/{tags.param(name)}"] = v

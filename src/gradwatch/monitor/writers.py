@@ -8,7 +8,7 @@ costs more than computing the norms. Every other logger gets ``log_metrics``.
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
-from gradwatch.monitor.health import Alert
+from gradwatch.monitor.alerts import Alert
 from gradwatch.monitor.histograms import Histogram
 
 
@@ -53,8 +53,9 @@ def write_histograms(logger: TensorBoardLogger, hists: list[Histogram], step: in
 
 
 def write_alert(logger: TensorBoardLogger, alert: Alert) -> None:
-    """An alert in TensorBoard's Text tab, under ``alerts``."""
-    logger.experiment.add_text("alerts", f"**{alert.kind}**: {alert.message}", alert.step)
+    """An alert in TensorBoard's Text tab, under ``alerts``: its kind, the diagnosis, the fix."""
+    fix = f" Fix: {alert.fix}" if alert.fix else ""
+    logger.experiment.add_text("alerts", f"**{alert.kind}**: {alert.message}.{fix}", alert.step)
 
 
 def _write(logger: TensorBoardLogger, summary: Summary, step: int) -> None:

@@ -1,0 +1,131 @@
+"""Activation statistics on logging steps only: forward pre-hooks attached before such a step's
+forward and removed after it, so every other step runs without a hook.
+
+Each module that holds parameters of its own (``nn.Linear``, ``nn.Conv2d``, ``nn.LayerNorm``...)
+gets a pre-hook that looks at its input. An input that requires grad was produced by the network
+(data does not): it is the previous such module's output after its activation, whatever form the
+activation takes (a module or ``torch.relu`` in ``forward``), and its statistics are named after
+that previous module, in the order the forward calls them (``fc1`` for what ``fc2`` receives).
+The units are the input's channels (dimension 1 of a convolution's input) or its last dimension
+(everything else); every other dimension is samples. Per layer, on the device, no host sync:
+
+- ``dead``: the share of units exactly 0 for every sample (ReLU units that never fire);
+- ``saturated``: where every value lies in [0, 1] or [-1, 1] and none is exactly 0 (a sigmoid's or
+  tanh's outputs, not a ReLU's), the share of units within ``eps`` of a bound for at least 95% of
+  the samples;
+- ``alike``: the share of units that vary over the samples and are a copy of another unit on every
+  sample (units that started with the same weights stay the same).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from gradwatch.layers import layer_of
+
+STATS = ("units", "dead", "saturated", "alike")
+# Samples and units looked at per layer: enough to tell a dead or copied unit, and a bound on the
+# cost (the pairwise distances are units x units x samples).
+MAX_SAMPLES = 512
+MAX_UNITS = 512
+# A unit saturated on this share of the samples is saturated.
+SATURATED_SAMPLES = 0.95
+CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
+
+
+@dataclass
+class ActivationProbe:
+    """Hooks for one logging step and what they measured, on the device.
+
+    Args:
+        eps: how close to a bound a saturated output is.
+        keep_values: keep each layer's (sampled) outputs for histograms.
+    """
+
+    eps: float = 1e-3
+    keep_values: bool = False
+    stats: dict[str, Tensor] = field(default_factory=dict)  # layer -> STATS, one tensor each
+    values: dict[str, Tensor] = field(default_factory=dict)
+    _handles: list[RemovableHandle] = field(default_factory=list)
+    _last: str | None = None
+
+    def attach(self, module: nn.Module, names: dict[int, str]) -> None:
+        """Hooks every module of ``module`` that holds parameters itself; ``names`` maps
+        ``id(parameter)`` to the monitor's parameter names, whose layer names the module."""
+        self.stats, self.values, self._last = {}, {}, None
+        for sub in module.modules():
+            own = list(sub.parameters(recurse=False))
+            if own and id(own[0]) in names:
+                layer = layer_of(names[id(own[0])])
+                self._handles.append(sub.register_forward_pre_hook(self._hook(layer, sub)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, layer: str, module: nn.Module) -> Callable:
+        unit_dim = 1 if isinstance(module, CHANNEL_FIRST) else -1
+
+        def pre_hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0] if args else None
+            producer, self._last = self._last, layer
+            if producer is None or not isinstance(x, Tensor) or not x.requires_grad:
+                return
+            if not x.is_floating_point() or x.dim() < 2:
+                return
+            units = x.detach().movedim(unit_dim, -1).reshape(-1, x.shape[unit_dim])
+            units = units[:MAX_SAMPLES, :MAX_UNITS].float()
+            self.stats[producer] = unit_stats(units, self.eps)
+            if self.keep_values:
+                self.values[producer] = units.clone()
+
+        return pre_hook
+
+
+_PROJECTIONS: dict[tuple, Tensor] = {}
+
+
+def _projections(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Two fixed random weightings of ``n`` samples, made once per size and device: the
+    statistics neither depend on nor disturb the global random state."""
+    key = (n, dtype, device)
+    if key not in _PROJECTIONS:
+        gen = torch.Generator().manual_seed(0)
+        _PROJECTIONS[key] = torch.randn(2, n, 1, generator=gen, dtype=dtype).to(device)
+    return _PROJECTIONS[key]
+
+
+def unit_stats(x: Tensor, eps: float) -> Tensor:
+    """``STATS`` of a samples x units matrix, as one tensor on its device (no host sync)."""
+    n_units = x.shape[1]
+    zero = x == 0
+    dead = zero.all(0)
+    lo, hi = x.min(), x.max()
+    no_zero = ~zero.any()
+    sigmoid_like = (lo >= 0) & (hi <= 1) & no_zero
+    tanh_like = (lo >= -1) & (hi <= 1) & (lo < 0) & no_zero
+    near_bound = torch.where(sigmoid_like, (x < eps) | (x > 1 - eps), x.abs() > 1 - eps)
+    saturated = near_bound.float().mean(0) >= SATURATED_SAMPLES
+    saturated = saturated & (sigmoid_like | tanh_like)
+    # Copies: units equal on every sample (up to float rounding). Two projections of each unit's
+    # column onto fixed random sample weights are equal for copies and, for units that differ,
+    # equal by chance only: sorted, a copy sits next to its twin. N x U work, not N x U x U.
+    # Elementwise, not a matmul: BLAS takes milliseconds for this skinny product on a busy CPU.
+    proj = (_projections(x.shape[0], x.dtype, x.device) * x).sum(1)  # 2 x U
+    order = proj[0].argsort()
+    p = proj[:, order]
+    tol = 1e-5 * (proj.abs().amax(1, keepdim=True) + 1e-30)
+    close = ((p[:, 1:] - p[:, :-1]).abs() <= tol).all(0)  # unit k and k+1, in sorted order
+    twin = torch.zeros(n_units, dtype=torch.bool, device=x.device)
+    twin[1:] |= close
+    twin[:-1] |= close
+    same = torch.empty_like(twin).scatter_(0, order, twin)
+    # Units that do not vary (dead, or saturated on every sample) are alike for another reason.
+    varies = x.amax(0) > x.amin(0)
+    alike = same & varies & ~saturated
+    share = torch.stack([dead, saturated, alike]).float().mean(1)
+    return torch.cat([torch.tensor([float(n_units)], device=x.device), share])

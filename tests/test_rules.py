@@ -1,0 +1,231 @@
+"""Each diagnosis rule on a history built by hand: no Trainer, no torch. A rule reads the history
+as it stands after a logging step and says what holds now; `Health` turns that into alerts once
+per episode, with causes over symptoms."""
+
+import pytest
+
+from gradwatch.monitor import rules
+from gradwatch.monitor.health import Health
+from gradwatch.monitor.history import History, Observation
+from gradwatch.monitor.rules import Thresholds
+
+T = Thresholds()
+
+
+def obs(step, norms=None, loss=1.0, ratios=None, **kwargs):
+    norms = norms if norms is not None else {"fc1": 1.0, "fc2": 1.0}
+    total = sum(v * v for v in norms.values()) ** 0.5
+    kwargs.setdefault("totals", {"total": total})
+    kwargs.setdefault("weight_norms", {lay: 10.0 for lay in norms})
+    return Observation(
+        step=step,
+        layer_norms=norms,
+        loss=loss,
+        update_ratios=ratios if ratios is not None else {lay: 1e-3 for lay in norms},
+        **kwargs,
+    )
+
+
+def history(observations, first_loss=None):
+    return History(list(observations), first_loss=first_loss)
+
+
+def kinds(observations, thresholds=T):
+    """{step: [(kind, layers)]} of the alerts that start at each step."""
+    health, out = Health(thresholds), {}
+    for o in observations:
+        alerts = health.observe(o)
+        if alerts:
+            out[o.step] = [(a.kind, a.layers) for a in alerts]
+    return out
+
+
+def test_every_kind_of_the_issue_is_a_rule():
+    assert set(rules.KINDS) >= {
+        "no_gradient",
+        "not_optimized",
+        "vanishing",
+        "exploding",
+        "nonfinite",
+        "stall",
+        "diverging",
+        "dead_units",
+        "saturated_units",
+        "symmetric_units",
+        "skipped_steps",
+    }
+
+
+def test_healthy_history_raises_nothing():
+    # The loss falls, every layer moves by 1e-3 of its size, nothing odd anywhere.
+    healthy = [obs(s, loss=1.0 / (1 + s)) for s in range(40)]
+    for rule in rules.RULES:
+        assert not rule(history(healthy), T), rule.__name__
+    assert kinds(healthy) == {}
+
+
+def test_no_gradient_is_a_parameter_without_grad_at_every_log_not_a_small_one():
+    logs = [obs(s, no_gradient=["branch.weight", "branch.bias"]) for s in range(3)]
+    found = rules.no_gradient(history(logs), T)
+    assert found.kind == "no_gradient" and found.layers == ["branch.weight", "branch.bias"]
+    # Fewer logs than the patience: not yet.
+    assert rules.no_gradient(history(logs[:2]), T) is None
+    # Had a gradient once: sometimes unused is not never used.
+    logs[1] = obs(1, no_gradient=["branch.bias"])
+    assert rules.no_gradient(history(logs), T).layers == ["branch.bias"]
+    # A parameter with a tiny gradient is no `no_gradient`: it is in layer_norms, not absent.
+    tiny = [obs(s, norms={"fc1": 1e-12, "fc2": 1.0}) for s in range(3)]
+    assert rules.no_gradient(history(tiny), T) is None
+
+
+def test_not_optimized_names_parameters_with_gradients_outside_every_optimizer():
+    found = rules.not_optimized(history([obs(0, not_optimized=["fc1.weight"])]), T)
+    assert found.layers == ["fc1.weight"] and "configure_optimizers" in found.fix
+    assert rules.not_optimized(history([obs(0)]), T) is None
+
+
+def test_vanishing_needs_patience_and_a_gap_to_the_median():
+    low = {"fc1": 1e-8, "fc2": 1.0, "fc3": 1.0}
+    logs = [obs(s, norms=low) for s in range(5)]
+    found = rules.vanishing(history(logs), T)
+    assert found.layers == ["fc1"] and found.evidence["median_layer_norm"] == 1.0
+    assert rules.vanishing(history(logs[:4]), T) is None
+    # Every layer small together is no vanishing (a stall, or convergence).
+    same = [obs(s, norms={"fc1": 1e-8, "fc2": 1e-8}) for s in range(8)]
+    assert rules.vanishing(history(same), T) is None
+
+
+def test_exploding_over_the_running_median_or_the_weights():
+    totals = [1.0] * 6 + [50.0]
+    logs = [obs(s, totals={"total": v}) for s, v in enumerate(totals)]
+    (found,) = rules.exploding(history(logs), T)
+    assert found.evidence["running_median"] == 1.0
+    # From the first log: a gradient 10x the weights it updates, while the steps stay small.
+    big = [obs(0, norms={"fc1": 300.0, "fc2": 300.0}, ratios={"fc1": 1e-3, "fc2": 1e-3})]
+    (found,) = rules.exploding(history(big), T)
+    assert "weights' norm" in found.message
+    # The same with steps as large as the weights is the step size's fault: diverging.
+    big[0].update_ratios = {"fc1": 0.5, "fc2": 0.5}
+    assert rules.exploding(history(big), T) == []
+
+
+def test_nonfinite_names_the_layers_and_spares_the_scalers_overflow():
+    found = rules.nonfinite(history([obs(0, nonfinite={"fc1": 3, "fc2": 0})]), T)
+    assert found.layers == ["fc1"] and "fc1 (3 values)" in found.message
+    overflow = obs(0, nonfinite={"fc1": 3}, overflow_expected=True, loss=0.5)
+    assert rules.nonfinite(history([overflow]), T) is None
+    # Under a scaler even an Inf loss is a skipped step, not applied to the weights.
+    overflow.loss = float("inf")
+    assert rules.nonfinite(history([overflow]), T) is None
+
+
+def test_stall_is_a_flat_loss_with_tiny_steps():
+    flat = [obs(s, loss=0.25, ratios={"fc1": 1e-5, "fc2": 2e-5}) for s in range(10)]
+    found = rules.stall(history(flat), T)
+    assert "learning rate looks too small" in found.message
+    assert found.evidence["largest_update_ratio"] == 2e-5
+    # The same loss with healthy steps is no stall.
+    moving = [obs(s, loss=0.25) for s in range(10)]
+    assert rules.stall(history(moving), T) is None
+
+
+def test_diverging_is_a_rising_loss_or_large_steps_without_progress():
+    rising = [obs(s, loss=1.0 + s) for s in range(4)]
+    assert rules.diverging(history(rising), T).kind == "diverging"
+    # Lost most of the progress it made.
+    back = [obs(s, loss=v) for s, v in enumerate([1.0, 0.2, 0.1, 0.1, 0.1, 0.7, 0.8, 0.8])]
+    assert rules.diverging(history(back), T) is not None
+    # Large steps while the loss stays where it started (a loss summed over the batch).
+    jumping = [obs(s, loss=0.7, ratios={"fc1": 0.3, "fc2": 0.4}) for s in range(5)]
+    assert "change by more than 0.1 of their size" in rules.diverging(history(jumping), T).message
+    # Converged and a little noise: no divergence.
+    noise = [obs(s, loss=v) for s, v in enumerate([0.25, 0.1, 1e-9, 1e-12, 1e-10, 1e-9])]
+    assert rules.diverging(history(noise), T) is None
+
+
+def test_no_signal_is_a_loss_at_its_start_while_the_weights_move():
+    stuck = [obs(s, loss=0.693 + 0.002 * (s % 2), ratios={"fc1": 5e-3}) for s in range(20)]
+    found = rules.no_signal(history(stuck, first_loss=0.695), T)
+    assert found.kind == "no_signal"
+    # The same run with tiny steps is a stall's, not this rule's.
+    still = [obs(s, loss=0.693, ratios={"fc1": 1e-5}) for s in range(20)]
+    assert rules.no_signal(history(still, first_loss=0.695), T) is None
+    # A slow learner (Adam at lr 1e-4 moves its weights by about 1e-3 a step) is not one without
+    # signal.
+    slow = [obs(s, loss=0.693, ratios={"fc1": 1e-3}) for s in range(20)]
+    assert rules.no_signal(history(slow, first_loss=0.695), T) is None
+    # Progress made: the loss is a tenth below its start.
+    learnt = [obs(s, loss=0.6, ratios={"fc1": 5e-3}) for s in range(20)]
+    assert rules.no_signal(history(learnt, first_loss=0.695), T) is None
+
+
+def test_accumulating_sees_gradients_carried_over_or_evenly_growing_norms():
+    carried = [obs(s, carried_gradient=c) for s, c in enumerate([0.0, 3.0, 5.0, 7.0])]
+    assert "carried over" in rules.accumulating(history(carried), T).message
+    assert rules.accumulating(history(carried[:3]), T) is None  # 0.0 is in the last three
+    # Measured and nothing carried over: growing norms are the model's, not zero_grad's.
+    measured = [obs(s, totals={"total": 1.0 + s}, loss=0.7, carried_gradient=0.0) for s in range(7)]
+    assert rules.accumulating(history(measured), T) is None
+    # Not measured (DDP, AMP): norms that grow by about the same amount while the loss stays.
+    growing = [obs(s, totals={"total": 1.0 + s}, loss=0.7) for s in range(7)]
+    assert "rose at each" in rules.accumulating(history(growing), T).message
+    # Growing by factors (a divergence) is not accumulation.
+    geometric = [obs(s, totals={"total": 3.0**s}, loss=0.7) for s in range(7)]
+    assert rules.accumulating(history(geometric), T) is None
+
+
+@pytest.mark.parametrize(
+    ("rule", "stat", "kind"),
+    [
+        (rules.dead_units, "dead", "dead_units"),
+        (rules.saturated_units, "saturated", "saturated_units"),
+        (rules.symmetric_units, "alike", "symmetric_units"),
+    ],
+)
+def test_activation_rules_need_a_share_of_the_units_for_patience_logs(rule, stat, kind):
+    def acts(share):
+        return {"fc1": {"units": 32.0, "dead": 0.0, "saturated": 0.0, "alike": 0.0, stat: share}}
+
+    logs = [obs(s, activations=acts(1.0)) for s in range(3)]
+    found = rule(history(logs), T)
+    assert found.kind == kind and found.layers == ["fc1"]
+    assert "fc1 (100% of 32 units)" in found.details["fc1"]
+    assert rule(history(logs[:2]), T) is None
+    assert rule(history([obs(s, activations=acts(0.1)) for s in range(3)]), T) is None
+
+
+def test_skipped_steps_is_a_scale_that_keeps_falling():
+    falling = [obs(s, amp_scale=65536.0 / 2**s) for s in range(4)]
+    found = rules.skipped_steps(history(falling), T)
+    assert found.evidence["skipped_at_least"] == 3
+    steady = [obs(s, amp_scale=1024.0) for s in range(4)]
+    assert rules.skipped_steps(history(steady), T) is None
+    assert rules.skipped_steps(history([obs(0, amp_scale=0.5)]), T) is not None
+    # Most of the steps since the last log skipped: 6 halvings in 10 steps.
+    two = [obs(9, amp_scale=65536.0), obs(19, amp_scale=1024.0)]
+    assert rules.skipped_steps(history(two), T) is not None
+    two[1].amp_scale = 32768.0  # one skip in ten steps: a scaler finding its scale
+    assert rules.skipped_steps(history(two), T) is None
+
+
+def test_the_cause_wins_over_the_symptom():
+    # Layers vanish first; later the loss goes flat with tiny steps: vanishing, never a stall.
+    norms = {"fc1": 1e-9, "fc2": 1e-3, "fc3": 1.0}
+    logs = [obs(s, norms=norms, loss=0.69, ratios={"fc3": 1e-5}) for s in range(20)]
+    fired = kinds(logs)
+    assert fired == {4: [("vanishing", ["fc1"])]}
+    # Dead units explain the vanishing of the layers below them.
+    dead = {"fc1": {"units": 16.0, "dead": 1.0, "saturated": 0.0, "alike": 0.0}}
+    logs = [obs(s, norms={"fc1": 0.0, "fc2": 1.0, "fc3": 1.0}, activations=dead) for s in range(8)]
+    assert kinds(logs) == {2: [("dead_units", ["fc1"])]}
+
+
+def test_alerts_carry_kind_layers_step_evidence_and_fix():
+    health = Health()
+    logs = [obs(s, norms={"fc1": 1e-9, "fc2": 1.0, "fc3": 1.0}) for s in range(5)]
+    alerts = [a for o in logs for a in health.observe(o)]
+    (alert,) = alerts
+    assert (alert.kind, alert.layers, alert.step) == ("vanishing", ["fc1"], 4)
+    assert alert.evidence["norms"] == {"fc1": 1e-9} and "ReLU" in alert.fix
+    assert alert.line().endswith(f"[vanishing]. Fix: {alert.fix}")
+    assert health.summary()["alerts"][0]["evidence"]["median_layer_norm"] == 1.0
