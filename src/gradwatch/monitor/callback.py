@@ -3,6 +3,7 @@ delegated: statistics on the device (``stats``), histograms (``histograms``), ta
 (``names``, ``scalars``), alert rules (``health``) and writing (``writers``)."""
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +18,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from gradwatch.monitor import arguments, first_screen, histograms, stats, writers
+from gradwatch.monitor import arguments, first_screen, histograms, sharded, stats, writers
 from gradwatch.monitor.arguments import check_bool, check_int
 from gradwatch.monitor.health import (
     GradientAlert,
@@ -30,12 +31,13 @@ from gradwatch.monitor.names import Tags, optimizer_params, parameter_names, sto
 from gradwatch.monitor.scalars import step_scalars
 from gradwatch.monitor.stats import Measurement
 
-# Strategies that shard parameters: each rank's gradients are a slice of the model's, and norms of a
-# slice are not the model's norms. Checked by name so optional back-ends need not be importable.
+# Strategies that shard parameters in ways the monitor cannot combine (flat parameters, ZeRO
+# partitions): each rank's gradients are a slice of the model's, and norms of a slice are not the
+# model's norms. Lightning's ModelParallelStrategy (FSDP2's DTensors) is measured whole
+# (`sharded`). Checked by name so optional back-ends need not be importable.
 SHARDED_STRATEGIES = (
     "FSDPStrategy",
     "DeepSpeedStrategy",
-    "ModelParallelStrategy",
     "XLAFSDPStrategy",
 )
 # More bins than TensorBoard can show, and a bound on the memory of a histogram step.
@@ -176,6 +178,8 @@ class GradientMonitor(Callback):
         self._step = -1
         self._write_scalars = self._write_hist = False
         self._measured_once = self._warned_unmeasured = False
+        # FSDP2: every rank measures its shards, and each logging step combines them.
+        self._sharded = False
         # Stop mode: the first step with a non-finite gradient, kept on device (no sync).
         self._first_bad_step: Tensor | None = None
 
@@ -201,7 +205,8 @@ class GradientMonitor(Callback):
             raise MisconfigurationException(
                 f"GradientMonitor does not support {strategy.__name__}: each rank holds a shard of"
                 " the parameters, and norms of a shard are not the model's norms. Use a DDP"
-                " strategy (`ddp`, `ddp_spawn`) or remove the monitor from the callbacks."
+                " strategy (`ddp`, `ddp_spawn`), FSDP2 through ModelParallelStrategy, or remove"
+                " the monitor from the callbacks."
             )
 
     @override
@@ -230,6 +235,7 @@ class GradientMonitor(Callback):
         if self._tb is not None and trainer.is_global_zero:
             first_screen.write_layout(self._tb)
         self._names = parameter_names(pl_module)
+        self._sharded = sharded.check_layout(pl_module, trainer.world_size)
         self._tags = Tags(list(self._names.values()), num_optimizers=len(trainer.optimizers))
 
     @override
@@ -265,7 +271,8 @@ class GradientMonitor(Callback):
                 names=names,
                 norm_types=self.norm_types,
                 # Clipping rescales NaN/Inf gradients in place after this hook: count them now.
-                count_nonfinite_now=bool(trainer.gradient_clip_val),
+                # Shards are counted now too, so that the counts join the step's one all-reduce.
+                count_nonfinite_now=bool(trainer.gradient_clip_val) or self._sharded,
                 weight_norms=self.log_weight_norms or self.log_update_ratio or write_hist,
                 snapshot=self.log_update_ratio or write_hist,
                 copy_grads=write_hist,
@@ -325,27 +332,40 @@ class GradientMonitor(Callback):
         grads = [g for m in pending for g in m.grads]
         clipped = bool(trainer.gradient_clip_val) and bool(grads)
         if clipped:
-            parts.append(stats.total_norm(grads))
+            parts.append((stats.total_norm(grads), sharded.norm(2.0)))
         if loss is not None and self._write_scalars:
-            parts.append(self._logged_loss(trainer, loss))
+            if self._sharded:  # the mean over the ranks joins the step's one all-reduce
+                parts.append((loss.detach().reshape(1), sharded.MEAN))
+            else:
+                parts.append((self._logged_loss(trainer, loss), sharded.SAME))
         first_bad = self._first_bad_step
         if first_bad is not None:
-            parts.append(first_bad.reshape(1).to(stats.exact_dtype(first_bad.device)))
+            # None yet (-1) travels as +inf, so that the earliest step over the ranks is the min.
+            bad = first_bad.reshape(1).to(stats.exact_dtype(first_bad.device))
+            parts.append((torch.where(bad < 0, math.inf, bad), sharded.MIN))
             self._first_bad_step = None
         jobs_tensors: list[Tensor] = []
         if self._write_hist and self._tb is not None:
             for m in pending:
-                jobs_tensors += [
-                    t for t in (m.grad_copies or []) + (m.before or []) if self._drawn(t)
+                copies = [
+                    *zip(m.grad_names, m.grad_copies or [], strict=False),
+                    *zip(m.weight_names, m.before or [], strict=False),
                 ]
-            parts += histograms.device_stats(jobs_tensors)
+                jobs_tensors += [t for name, t in copies if self._drawn(m.numels[name])]
+            if self._sharded:
+                parts += sharded.histogram_parts(jobs_tensors)
+            else:
+                parts += [(t, sharded.SAME) for t in histograms.device_stats(jobs_tensors)]
 
-        host = stats.to_host(parts)  # the one transfer of the step
+        if self._sharded:
+            host = stats.to_host(sharded.all_reduce(parts))  # the step's one all-reduce
+        else:
+            host = stats.to_host([t for t, _ in parts])  # the one transfer of the step
         measured = [(m.optimizer_index, stats.read(m, host)) for m in pending]
         scale = next((v.scale for _, v in measured if v.scale != 1.0), 1.0)
         clipped_total = next(host)[0] / scale if clipped else None
         loss_value = next(host)[0] if loss is not None and self._write_scalars else None
-        bad_step = next(host)[0] if first_bad is not None else -1.0
+        bad_step = next(host)[0] if first_bad is not None else math.inf
         every_stepped = len(trainer.optimizers) <= 1 or len({i for i, _ in measured}) == len(
             trainer.optimizers
         )
@@ -367,7 +387,7 @@ class GradientMonitor(Callback):
                     nonfinite=scalars.nonfinite,
                     update_ratios=scalars.update_ratios,
                     loss=loss_value,
-                    first_bad_step=int(bad_step) if bad_step >= 0 else None,
+                    first_bad_step=int(bad_step) if math.isfinite(bad_step) else None,
                     overflow_expected=getattr(trainer.precision_plugin, "scaler", None) is not None,
                 )
             )
@@ -375,6 +395,12 @@ class GradientMonitor(Callback):
                 trainer.should_stop = True
         else:
             alerts = []
+        hists = []
+        if jobs_tensors and self._tb is not None and (self._sharded or trainer.is_global_zero):
+            # Under sharding every rank bins its shards: the counts are summed over the ranks.
+            jobs = self._histogram_jobs(pending, measured)
+            binned = sharded.histograms if self._sharded else histograms.histograms
+            hists = binned(jobs, host, self.bins)
         if not trainer.is_global_zero:
             # Other ranks hold the same all-reduced gradients and loss: they keep the same alert
             # state (so `should_stop` agrees on every rank without a collective of its own) but
@@ -387,9 +413,7 @@ class GradientMonitor(Callback):
         if self._write_scalars:
             log10 = first_screen.log10_scalars(scalars.layer_norms, scalars.update_ratios)
             writers.write_scalars(trainer.loggers, scalars.metrics, self._step, log10)
-        if jobs_tensors and self._tb is not None:
-            jobs = self._histogram_jobs(pending, measured)
-            hists = histograms.histograms(jobs, host, self.bins)
+        if hists:
             writers.write_histograms(self._tb, hists, self._step)
 
     @staticmethod
@@ -417,24 +441,27 @@ class GradientMonitor(Callback):
         for m, (_, values) in zip(pending, measured, strict=True):
             scale = values.scale
             for name, copy in zip(m.grad_names, m.grad_copies or [], strict=True):
-                if not self._drawn(copy):
+                numel = m.numels[name]
+                if not self._drawn(numel):
                     continue
                 # The norm of the copy as it is (still scaled where the values are).
                 norm = values.grad_norms[2.0][name] * scale
-                jobs.append(
-                    histograms.Job(f"grad_hist/{self._tags.param(name)}", copy, norm, scale)
-                )
+                tag = f"grad_hist/{self._tags.param(name)}"
+                jobs.append(histograms.Job(tag, copy, norm, scale, numel=numel))
             for name, copy in zip(m.weight_names, m.before or [], strict=True):
-                if not self._drawn(copy):
+                numel = m.numels[name]
+                if not self._drawn(numel):
                     continue
                 norm = values.weight_norms[name]
-                jobs.append(histograms.Job(f"weight_hist/{self._tags.param(name)}", copy, norm))
+                tag = f"weight_hist/{self._tags.param(name)}"
+                jobs.append(histograms.Job(tag, copy, norm, numel=numel))
         return jobs
 
-    def _drawn(self, tensor: Tensor) -> bool:
-        """Whether a tensor gets a histogram: below ``histogram_min_values`` values it would be a
-        few spikes with overlapping labels, and its norm scalars say the same."""
-        return tensor.numel() >= self.histogram_min_values
+    def _drawn(self, numel: int) -> bool:
+        """Whether a tensor of ``numel`` values (the whole tensor's, under sharding: every rank
+        decides alike) gets a histogram: below ``histogram_min_values`` values it would be a few
+        spikes with overlapping labels, and its norm scalars say the same."""
+        return numel >= self.histogram_min_values
 
     def _track_nonfinite(self, params: list[Tensor], step: int) -> None:
         grads = [stored_values(p.grad) for p in params if p.grad is not None]
