@@ -36,10 +36,11 @@ class Net(nn.Module):
 
 
 class Module(pl.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, nan_at_step: int | None = None) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = Net()
+        self.nan_at_step = nan_at_step
 
     def configure_model(self) -> None:
         if not isinstance(self.trainer.strategy, ModelParallelStrategy):
@@ -54,6 +55,17 @@ class Module(pl.LightningModule):
         loss = nn.functional.mse_loss(self.net(x), y)
         self.log("train/loss", loss, sync_dist=True)
         return loss
+
+    def on_after_backward(self) -> None:
+        """At `nan_at_step`, one NaN in fc1.weight's gradient: row 4, which FSDP gives rank 1."""
+        if self.global_step != self.nan_at_step:
+            return
+        grad = self.net.fc1.weight.grad
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            if self.global_rank == 1:
+                grad.to_local()[0, 0] = math.nan
+        else:
+            grad[4, 0] = math.nan
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.5)
@@ -113,7 +125,7 @@ def data(batch_size: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
 
 
-def fit(path: str, monitor: GradientMonitor, **kwargs) -> None:
+def fit(path: str, monitor: GradientMonitor, nan_at_step: int | None = None, **kwargs) -> None:
     trainer = pl.Trainer(
         accelerator="cpu",
         logger=TensorBoardLogger(path, name="tb", version=0),
@@ -127,10 +139,12 @@ def fit(path: str, monitor: GradientMonitor, **kwargs) -> None:
         **kwargs,
     )
     # The same 8 samples: one batch of 8, or 4 on each of two ranks (Lightning's sampler).
-    trainer.fit(Module(), data(8 if kwargs.get("devices", 1) == 1 else 4))
+    trainer.fit(Module(nan_at_step), data(8 if kwargs.get("devices", 1) == 1 else 4))
 
 
-def fsdp_worker(rank: int, path: str, port: int, monitor_kwargs: dict) -> None:
+def fsdp_worker(
+    rank: int, path: str, port: int, monitor_kwargs: dict, nan_at_step: int | None
+) -> None:
     """One of the two processes: the environment of processes started together (as torchrun
     would), so that Lightning starts none itself."""
     os.environ.update(
@@ -142,15 +156,16 @@ def fsdp_worker(rank: int, path: str, port: int, monitor_kwargs: dict) -> None:
         data_parallel_size=2, tensor_parallel_size=1, timeout=timedelta(seconds=60)
     )
     monitor = CountingMonitor(path, **monitor_kwargs)
-    fit(path, monitor, devices=2, strategy=strategy)
+    fit(path, monitor, nan_at_step, devices=2, strategy=strategy)
 
 
-def run_fsdp(path, **monitor_kwargs) -> None:
+def run_fsdp(path, nan_at_step: int | None = None, **monitor_kwargs) -> None:
     path.mkdir(parents=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(fsdp_worker, args=(str(path), port, monitor_kwargs), nprocs=2, join=True)
+    args = (str(path), port, monitor_kwargs, nan_at_step)
+    mp.spawn(fsdp_worker, args=args, nprocs=2, join=True)
 
 
 def events(path) -> EventAccumulator:
@@ -237,3 +252,25 @@ def test_fsdp_logging_step_is_one_all_reduce(tmp_path):
     run_fsdp(tmp_path / "fsdp", histogram_every_n_steps=0, log_every_n_steps=2)
     for record in ranks(tmp_path / "fsdp"):
         assert record["counts"] == {"0": 0, "1": 1, "2": 0, "3": 1}
+
+
+@pytest.mark.slow
+def test_fsdp_counts_a_nonfinite_value_of_one_shard_and_stops_every_rank(tmp_path):
+    """A NaN in rank 1's shard of fc1.weight at step 2, between logging steps: every rank counts
+    it, raises the single-process run's alert (first seen at step 2, the earliest over the
+    ranks) and stops at the same logging step."""
+    monitor = {"log_every_n_steps": 2, "histogram_every_n_steps": 0, "on_nonfinite": "stop"}
+    fit(str(tmp_path / "single"), GradientMonitor(**monitor), nan_at_step=2)
+    run_fsdp(tmp_path / "fsdp", nan_at_step=2, **monitor)
+    single = json.loads((tmp_path / "single" / "gradients.json").read_text())
+    rank0, rank1 = ranks(tmp_path / "fsdp")
+    assert rank0["summary"] == rank1["summary"]
+    alerts = rank0["summary"]["alerts"]
+    assert [(a["step"], a["kind"]) for a in alerts] == [(3, "nonfinite")]
+    assert "first seen at step 2" in alerts[0]["message"]
+    assert alerts == single["alerts"]
+    nonfinite = events(tmp_path / "fsdp").Scalars("grad_nonfinite/fc1")
+    assert [(e.step, e.value) for e in nonfinite] == [
+        (e.step, e.value) for e in events(tmp_path / "single").Scalars("grad_nonfinite/fc1")
+    ]
+    assert rank0["summary"]["steps"] == single["steps"] == [1, 3]
