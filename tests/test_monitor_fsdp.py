@@ -17,11 +17,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from gradwatch.monitor import GradientMonitor
+from gradwatch.monitor.sharded import check_layout
 
 
 class Net(nn.Module):
@@ -274,3 +277,31 @@ def test_fsdp_counts_a_nonfinite_value_of_one_shard_and_stops_every_rank(tmp_pat
         (e.step, e.value) for e in events(tmp_path / "single").Scalars("grad_nonfinite/fc1")
     ]
     assert rank0["summary"]["steps"] == single["steps"] == [1, 3]
+
+
+def test_layouts_the_sums_would_get_wrong_are_refused():
+    """Replicated DTensors (as tensor parallelism makes) and plain parameters next to sharded
+    ones would be counted once per rank or once by each rank: refused, naming the parameter."""
+    torch.distributed.init_process_group(
+        "gloo", rank=0, world_size=1, store=torch.distributed.HashStore()
+    )
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        net = Net()
+        assert check_layout(net, world_size=1) is False  # nothing sharded: nothing to combine
+        net.fc1.weight = nn.Parameter(distribute_tensor(net.fc1.weight.detach(), mesh, [Shard(0)]))
+        with pytest.raises(ValueError, match="fc1.bias is not sharded while other parameters"):
+            check_layout(net, world_size=1)
+        net = Net()
+        for layer in (net.fc1, net.fc2):
+            for attr in ("weight", "bias"):
+                replicated = layer is net.fc2 and attr == "bias"
+                values = getattr(layer, attr).detach()
+                placement = Replicate() if replicated else Shard(0)
+                setattr(layer, attr, nn.Parameter(distribute_tensor(values, mesh, [placement])))
+        with pytest.raises(ValueError, match=r"fc2.bias is laid out as \(Replicate\(\),\)"):
+            check_layout(net, world_size=1)
+        with pytest.raises(ValueError, match="over 1 of 2 ranks"):
+            check_layout(net, world_size=2)
+    finally:
+        torch.distributed.destroy_process_group()

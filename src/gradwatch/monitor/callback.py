@@ -82,6 +82,12 @@ class GradientMonitor(Callback):
     histogram counts. Under data parallelism a logging step also all-reduces the loss, so that
     every rank's alerts use the loss that is logged (the mean over the processes).
 
+    Under FSDP2 (Lightning's ``ModelParallelStrategy`` with ``fully_shard``: every parameter a
+    DTensor sharded over the ranks) every value is the whole model's, combined from each rank's
+    shards by :mod:`gradwatch.monitor.sharded`: one all-reduce per logging step (a second for
+    inf norms, the stop mode's first bad step and histogram ranges, a third for histogram
+    counts), and every rank keeps the same alert state.
+
     Args:
         log_every_n_steps: write scalars every this many optimizer steps. ``None``: the Trainer's
             ``log_every_n_steps``, so the values line up with ``train/loss``. ``0``: never.
@@ -108,8 +114,11 @@ class GradientMonitor(Callback):
         ValueError:
             If an argument is out of its range (the message names it and the allowed values).
         MisconfigurationException:
-            In ``setup``, with a strategy that shards parameters (FSDP, DeepSpeed, model parallel):
-            per-shard norms are not the model's norms.
+            In ``setup``, with a strategy that shards parameters other than as DTensors (FSDP1,
+            DeepSpeed, XLA's FSDP): per-shard norms are not the model's norms.
+        ValueError:
+            In ``on_train_start``, with DTensor parameters laid out other than sharded over
+            every rank (tensor parallelism, replicated parameters).
 
     Example::
 

@@ -94,12 +94,14 @@ def all_reduce(parts: list[tuple[Tensor, Across]]) -> list[Tensor]:
     summed: list[Tensor] = []
     maxed: list[Tensor] = []
     for values, across in parts:
+        if across.how == "same":
+            continue
         x = values.to(device, torch.float64)
         if across.how in ("sum", "mean"):
             summed.append(x)
         elif across.how == "norm" and not math.isinf(across.p):
             summed.append(x.pow(across.p))  # NaN and Inf stay NaN and Inf
-        elif across.how in ("max", "min") or across.how == "norm":
+        else:  # max, min, and the inf norm (a max of |g|)
             # A max of NaN is whatever the back-end makes of it: NaN travels as a count in the
             # sum instead, and is put back after.
             nan = x.isnan()
