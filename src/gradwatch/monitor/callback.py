@@ -356,11 +356,10 @@ class GradientMonitor(Callback):
         jobs_tensors: list[Tensor] = []
         if self._write_hist and self._tb is not None:
             for m in pending:
-                copies = [
-                    *zip(m.grad_names, m.grad_copies or [], strict=False),
-                    *zip(m.weight_names, m.before or [], strict=False),
-                ]
-                jobs_tensors += [t for name, t in copies if self._drawn(m.numels[name])]
+                grads = zip(m.grad_names, m.grad_copies or [], strict=False)
+                jobs_tensors += [t for n, t in grads if self._drawn(m.grad_numels[n])]
+                weights = zip(m.weight_names, m.before or [], strict=False)
+                jobs_tensors += [t for n, t in weights if self._drawn(m.weight_numels[n])]
             if self._sharded:
                 parts += sharded.histogram_parts(jobs_tensors)
             else:
@@ -450,7 +449,7 @@ class GradientMonitor(Callback):
         for m, (_, values) in zip(pending, measured, strict=True):
             scale = values.scale
             for name, copy in zip(m.grad_names, m.grad_copies or [], strict=True):
-                numel = m.numels[name]
+                numel = m.grad_numels[name]
                 if not self._drawn(numel):
                     continue
                 # The norm of the copy as it is (still scaled where the values are).
@@ -458,7 +457,7 @@ class GradientMonitor(Callback):
                 tag = f"grad_hist/{self._tags.param(name)}"
                 jobs.append(histograms.Job(tag, copy, norm, scale, numel=numel))
             for name, copy in zip(m.weight_names, m.before or [], strict=True):
-                numel = m.numels[name]
+                numel = m.weight_numels[name]
                 if not self._drawn(numel):
                     continue
                 norm = values.weight_norms[name]

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from gradwatch.monitor.names import stored_values
-from gradwatch.monitor.sharded import SAME, SUM, Across, norm
+from gradwatch.monitor.sharded import SAME, SUM, Across, is_sharded, norm
 
 
 @dataclass
@@ -35,7 +35,10 @@ class Measurement:
     weight_names: list[str]
     weights: list[Tensor]  # the parameters themselves, detached
     weight_norms: Tensor | None
-    numels: dict[str, int]  # by parameter name, the whole tensor's (not a shard's) values
+    # By name, how many values were measured: a sparse gradient's stored values; under sharding,
+    # the whole tensor's, not the shard's (so that every rank decides alike what to draw).
+    grad_numels: dict[str, int]
+    weight_numels: dict[str, int]
     before: list[Tensor] | None  # copies of the weights before the step
     grad_copies: list[Tensor] | None  # copies of the gradients as measured, for histograms
     scale: Tensor | None  # the GradScaler's scale, where the gradients are still scaled
@@ -76,9 +79,8 @@ def measure(
             copied, since ``scaler.update()`` changes it in place before the transfer.
     """
     with_grad = [(n, p.grad) for n, p in zip(names, params, strict=True) if p.grad is not None]
-    grad_names, grads = _grouped(
-        [n for n, _ in with_grad], [stored_values(g) for _, g in with_grad]
-    )
+    stored = [stored_values(g) for _, g in with_grad]
+    grad_names, grads = _grouped([n for n, _ in with_grad], stored)
     # Under sharding, this rank's shards: views that the optimizer's step updates in place.
     weight_names, weights = _grouped(names, [stored_values(p.detach()) for p in params])
     norm_of = {ord_: _concat(_foreach_norms(grads, ord_)) for ord_ in norm_types} if grads else {}
@@ -94,7 +96,11 @@ def measure(
         weight_names=weight_names,
         weights=weights,
         weight_norms=_concat(_foreach_norms(weights, 2.0)) if weight_norms and weights else None,
-        numels={n: p.numel() for n, p in zip(names, params, strict=True)},
+        grad_numels={
+            n: g.numel() if is_sharded(g) else v.numel()
+            for (n, g), v in zip(with_grad, stored, strict=True)
+        },
+        weight_numels={n: p.numel() for n, p in zip(names, params, strict=True)},
         before=_copy(weights) if snapshot else None,
         grad_copies=_copy(grads) if copy_grads else None,
         scale=None if scale is None else scale.detach().clone().reshape(1),
