@@ -102,3 +102,22 @@ def test_fsdp_config_is_checked_before_training(make_cfg):
             check_config(make_cfg(*FSDP, override))
         assert str(error.value).startswith(message), (override, str(error.value))
     assert check_config(make_cfg(*FSDP)) is None
+
+
+@pytest.mark.slow
+def test_fsdp_tutorial_raises_the_single_process_stall_alert(tmp_path, make_cfg):
+    """The tutorial's network (fc2 has one row: rank 1 holds none of it) stalls at step 599:
+    under FSDP the same alert, quoting the same loss, and the same final gradient norm."""
+    args = ["trainer.max_epochs=1000", "print_every=0"]
+    root, output = run_cli([*args, *FSDP], tmp_path)
+    (run_dir,) = (root / "xor").iterdir()
+    fsdp_alerts = json.loads((run_dir / "gradients.json").read_text())["alerts"]
+    cfg = make_cfg(*args)
+    single_metrics = train(cfg)
+    single_alerts = json.loads(Path(cfg.paths.output_dir, "gradients.json").read_text())["alerts"]
+    assert [(alert["step"], alert["kind"]) for alert in fsdp_alerts] == [(599, "stall")]
+    assert fsdp_alerts == single_alerts
+    assert output.count("ALERT GradientMonitor:") == 1  # rank zero alone prints it
+    fsdp_metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("grad_norm/total", "train/loss"):
+        assert math.isclose(fsdp_metrics[key], single_metrics[key], rel_tol=1e-5), key
