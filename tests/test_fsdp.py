@@ -20,7 +20,9 @@ FAMILIES = ("grad_norm/", "weight_norm/", "update_ratio/")
 
 @pytest.mark.slow
 def test_fsdp_run_writes_one_directory_with_the_single_process_norms(tmp_path, make_cfg):
-    root, output = run_cli([*RUN, *FSDP], tmp_path)
+    # Clipped, so that the clipped total (measured after Lightning clips the shards) is compared.
+    clip = "trainer.gradient_clip_val=0.1"
+    root, output = run_cli([*RUN, *FSDP, clip], tmp_path)
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in output
     (run_dir,) = (root / "moons").iterdir()
     assert_one_run(run_dir)
@@ -28,12 +30,13 @@ def test_fsdp_run_writes_one_directory_with_the_single_process_norms(tmp_path, m
     printed = output.split("Gradients of the first layer weights (fc1.weight):")[1]
     assert printed.count("[") == 9 and "DTensor" not in printed
 
-    cfg = make_cfg(*RUN)
+    cfg = make_cfg(*RUN, clip)
     single_metrics = train(cfg)
     single = read_scalars(Path(cfg.paths.output_dir))
     fsdp = read_scalars(run_dir)
     tags = [t for t in single if t.startswith(FAMILIES)]
-    assert {"grad_norm/total", "grad_norm/fc1.weight", "update_ratio/fc2"} <= set(tags)
+    expected = {"grad_norm/total", "grad_norm/total_clipped", "grad_norm/fc1.weight"}
+    assert expected | {"update_ratio/fc2"} <= set(tags)
     assert sorted(t for t in fsdp if t.startswith(FAMILIES)) == sorted(tags)
     for tag in tags:
         assert [s for s, _ in fsdp[tag]] == [s for s, _ in single[tag]] == list(range(12)), tag
