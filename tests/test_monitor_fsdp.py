@@ -263,6 +263,7 @@ def test_fsdp_counts_a_nonfinite_value_of_one_shard_and_stops_every_rank(tmp_pat
     it, raises the single-process run's alert (first seen at step 2, the earliest over the
     ranks) and stops at the same logging step."""
     monitor = {"log_every_n_steps": 2, "histogram_every_n_steps": 0, "on_nonfinite": "stop"}
+    monitor["norm_types"] = (2, "inf")  # a NaN through the MAX all-reduce too
     fit(str(tmp_path / "single"), GradientMonitor(**monitor), nan_at_step=2)
     run_fsdp(tmp_path / "fsdp", nan_at_step=2, **monitor)
     single = json.loads((tmp_path / "single" / "gradients.json").read_text())
@@ -277,6 +278,10 @@ def test_fsdp_counts_a_nonfinite_value_of_one_shard_and_stops_every_rank(tmp_pat
         (e.step, e.value) for e in events(tmp_path / "single").Scalars("grad_nonfinite/fc1")
     ]
     assert rank0["summary"]["steps"] == single["steps"] == [1, 3]
+    for tag in ("grad_norm_inf/fc1", "grad_norm_inf/fc2.weight", "grad_norm/total"):
+        a = [e.value for e in events(tmp_path / "single").Scalars(tag)]
+        b = [e.value for e in events(tmp_path / "fsdp").Scalars(tag)]
+        assert math.isclose(a[0], b[0], rel_tol=1e-6) and math.isnan(a[1]) and math.isnan(b[1])
 
 
 def test_layouts_the_sums_would_get_wrong_are_refused():
