@@ -85,6 +85,11 @@ BAD: dict[str, list[Any]] = {
     "trainer.devices": [0, "two"],
     "trainer.num_nodes": [0],
     "trainer.strategy": ["dpp"],
+    # trainer/fsdp.yaml: FSDP2 through ModelParallelStrategy; tensor parallelism is refused.
+    "trainer.strategy._target_": ["lightning.pytorch.strategies.DDPStrategy"],
+    "trainer.strategy.data_parallel_size": [0, 3],
+    "trainer.strategy.tensor_parallel_size": [2],
+    "trainer.strategy.save_distributed_checkpoint": [True],
     "trainer.precision": ["15-mixed", 8],
     "trainer.log_every_n_steps": [0],
     "trainer.check_val_every_n_epoch": [0],

@@ -11,6 +11,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 from typing_extensions import override
 
+from gradwatch.monitor.sharded import is_sharded
+
 log = logging.getLogger("gradwatch")
 
 
@@ -163,15 +165,20 @@ class ConsoleProgress(Callback):
             self.write(f"Epoch {trainer.current_epoch + 1}, Loss: {loss.item()}")
 
     @override
-    @rank_zero_only
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._close_bar()
         name, weight = next(
             ((n, p) for n, p in pl_module.named_parameters() if n.endswith("weight")), (None, None)
         )
-        if weight is not None and weight.grad is not None:
+        grad = None if weight is None else weight.grad
+        if grad is not None and is_sharded(grad):
+            # FSDP2: each rank holds some rows; gathering them is a collective every rank joins.
+            grad = grad.full_tensor()
+        if not trainer.is_global_zero:
+            return
+        self._close_bar()
+        if grad is not None:
             self.write(f"Gradients of the first layer weights ({name.removeprefix('net.')}):")
-            self.write(format_tensor(weight.grad))
+            self.write(format_tensor(grad))
 
     @override
     def on_exception(

@@ -7,8 +7,10 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import OmegaConf
 from torch import Tensor, nn
+from torch.distributed.fsdp import fully_shard
 
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": F.relu, "gelu": F.gelu}
 LOSSES = ("mse", "bce_with_logits", "cross_entropy")
@@ -93,6 +95,7 @@ class MLPModule(pl.LightningModule):
         self.loss_name = loss
         self._target_cache: tuple[Tensor, Tensor] | None = None
         self._log_every_step = False  # see on_train_start
+        self._sharded = False  # see configure_model
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -167,6 +170,19 @@ class MLPModule(pl.LightningModule):
         # Lightning frees gradients before validating; keep them: after training, the last
         # step's gradients are what the tutorial reads (fc1.weight.grad), and they are small.
         pass
+
+    def configure_model(self) -> None:
+        """Under Lightning's ModelParallelStrategy (`trainer=fsdp`): FSDP2's `fully_shard` on
+        each Linear layer, then on the network, so that every parameter is sharded over the
+        processes and each layer's weights are gathered only while it computes. Lightning calls
+        this under every strategy, before the optimizer is built; the others need nothing."""
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy) or self._sharded:
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+        self._sharded = True
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return instantiate(self.hparams.optimizer)(self.parameters())

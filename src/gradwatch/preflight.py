@@ -36,6 +36,7 @@ from gradwatch.validate import (
     check_early_stopping_has_its_metric,
     check_model_fits_data,
     check_optimizer_steps,
+    check_sharding,
     check_values,
     check_writable_outputs,
     writable_problem,
@@ -61,7 +62,7 @@ def check_config(cfg: DictConfig) -> str | None:
     Order: values that do not resolve, sizes that would not fit in memory (before anything is
     built), every value (all problems at once), the optimizer built and stepped, the network
     against the dataset and early stopping against validation, then the machine (GPU, nodes,
-    the Trainer, writable folders), then the checkpoint.
+    the shards of trainer=fsdp, the Trainer, writable folders), then the checkpoint.
     """
     check_resolves(cfg)
     check_fits_in_memory(cfg)
@@ -71,6 +72,7 @@ def check_config(cfg: DictConfig) -> str | None:
     check_early_stopping_has_its_metric(cfg)
     check_accelerator(cfg)
     check_nodes(cfg)
+    check_sharding(cfg)
     check_trainer_builds(cfg)
     check_writable_outputs(cfg)
     checkpoint = resolve_checkpoint(cfg.get("ckpt_path"), cfg.paths.root, cfg.name)

@@ -14,7 +14,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 from typing_extensions import override
 
-from gradwatch.monitor import GradientMonitor
+from gradwatch.monitor import GradientMonitor, sharded
 
 # The HParams columns ticked by default. TensorBoard (backend_context.
 # _sort_and_reduce_to_hparams_limit) orders the experiment's hparams by `differs` (true first),
@@ -50,11 +50,21 @@ def final_metrics(
         metrics[f"{split}/loss"] = model.compute_loss(out, y).item()
         if y.dtype == torch.long:
             metrics[f"{split}/acc"] = model.accuracy(out, y).item()
-    grads = [p.grad.detach().flatten() for p in model.parameters() if p.grad is not None]
+    grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
     if grads:
-        metrics["grad_norm/total"] = torch.linalg.vector_norm(torch.cat(grads)).item()
+        metrics["grad_norm/total"] = total_norm(grads)
     model.train(was_training)
     return metrics
+
+
+def total_norm(grads: list[torch.Tensor]) -> float:
+    """The L2 norm of every gradient together. Of FSDP2's sharded gradients (each rank holds some
+    rows, maybe none), from every rank's shards: a collective, which every rank joins."""
+    if not any(sharded.is_sharded(g) for g in grads):
+        return torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])).item()
+    local_norms = torch.stack([torch.linalg.vector_norm(sharded.local(g)) for g in grads])
+    (norms,) = sharded.all_reduce([(local_norms, sharded.norm(2.0))])
+    return torch.linalg.vector_norm(norms).item()
 
 
 class RunSummary(Callback):

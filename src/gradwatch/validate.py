@@ -43,6 +43,8 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 # Lightning's own lists: what Trainer(strategy=..., precision=...) accepts.
 STRATEGIES = ("auto", *StrategyRegistry.available_strategies())
 PRECISIONS = tuple(value for literal in get_args(_PRECISION_INPUT) for value in get_args(literal))
+# trainer=fsdp's strategy: FSDP2 (fully_shard), the one sharded strategy the monitor measures.
+MODEL_PARALLEL = "lightning.pytorch.strategies.ModelParallelStrategy"
 # What the model logs through self.log, so what EarlyStopping can watch.
 LOGGED_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc")
 # Config nodes that a component builds from (the keys are its constructor's arguments): the
@@ -151,7 +153,23 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.accelerator": _one_of(ACCELERATORS),
     "trainer.devices": (_devices, "an integer >= 1, -1 (all), 'auto' or a list of device ids"),
     "trainer.num_nodes": _int_at_least(1),
-    "trainer.strategy": _one_of(STRATEGIES),
+    "trainer.strategy": (
+        lambda v: _one_of(STRATEGIES)[0](v) or isinstance(v, dict),
+        f"{_one_of(STRATEGIES)[1]}, or trainer=fsdp's node",
+    ),
+    # trainer=fsdp (conf/trainer/fsdp.yaml): FSDP2 through Lightning's ModelParallelStrategy.
+    "trainer.strategy._target_": _one_of((MODEL_PARALLEL,)),
+    "trainer.strategy.data_parallel_size": _int_at_least(1),
+    "trainer.strategy.tensor_parallel_size": (
+        lambda v: type(v) is int and v == 1,
+        "1: tensor parallelism is not supported (the gradient monitor sums each process's shard"
+        " of a parameter, which counts a replicated parameter once per process)",
+    ),
+    "trainer.strategy.save_distributed_checkpoint": (
+        lambda v: v is False,
+        "false: checkpoints/last.ckpt is one file, gathered by rank zero, which resume reads"
+        " (a distributed checkpoint is a folder of shards)",
+    ),
     "trainer.precision": _one_of(PRECISIONS),
     "trainer.log_every_n_steps": _int_at_least(1),
     "trainer.check_val_every_n_epoch": _int_at_least(1, nullable=True),
@@ -415,6 +433,27 @@ def check_accelerator(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.devices={devices} but this machine has {available} CUDA GPU(s): "
             f"use trainer.devices=1..{available} or trainer.devices=-1 (all)"
+        )
+
+
+def check_sharding(cfg: DictConfig) -> None:
+    """Under trainer=fsdp every process holds a shard: the data-parallel size is the number of
+    processes (Lightning refuses other products only once the processes have started)."""
+    strategy = cfg.trainer.get("strategy")
+    if not isinstance(strategy, DictConfig):
+        return
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if not _is_int(devices) or devices < 1:
+        raise ConfigError(
+            f"trainer.devices={devices!r} but trainer=fsdp needs a number of processes per node:"
+            " use trainer.devices=<an integer >= 1>"
+        )
+    size = strategy.get("data_parallel_size")
+    if size != devices * nodes:
+        raise ConfigError(
+            f"trainer.strategy.data_parallel_size={size} but trainer.devices={devices} x "
+            f"trainer.num_nodes={nodes} processes each hold a shard: use "
+            f"trainer.strategy.data_parallel_size={devices * nodes}"
         )
 
 

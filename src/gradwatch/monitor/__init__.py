@@ -6,6 +6,7 @@ what goes wrong. One idea per file:
 - ``names.py``: which parameters, their names and layers, and tags that never collide
 - ``stats.py``: norms and counts on the gradients' device, and the one transfer to the host
 - ``histograms.py``: ``torch.histc`` bins over the finite range, in TensorBoard's form
+- ``sharded.py``: under FSDP2, the whole model's values from each rank's shards (all-reduces)
 - ``scalars.py``: per parameter, per layer and total values under their tags
 - ``health.py``: the rules once per episode, causes over symptoms, and the run's history
 - ``history.py``: one ``Observation`` per logging step, and their ``History``

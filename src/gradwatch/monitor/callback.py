@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from gradwatch.monitor import arguments, first_screen, histograms, stats, writers
+from gradwatch.monitor import arguments, first_screen, histograms, sharded, stats, writers
 from gradwatch.monitor.activations import STATS, ActivationProbe
 from gradwatch.monitor.alerts import GradientAlert
 from gradwatch.monitor.arguments import check_bool, check_int, check_number
@@ -28,12 +28,13 @@ from gradwatch.monitor.names import Tags, optimizer_params, parameter_names, sto
 from gradwatch.monitor.scalars import step_scalars
 from gradwatch.monitor.stats import Measurement
 
-# Strategies that shard parameters: each rank's gradients are a slice of the model's, and norms of a
-# slice are not the model's norms. Checked by name so optional back-ends need not be importable.
+# Strategies that shard parameters in ways the monitor cannot combine (flat parameters, ZeRO
+# partitions): each rank's gradients are a slice of the model's, and norms of a slice are not the
+# model's norms. Lightning's ModelParallelStrategy (FSDP2's DTensors) is measured whole
+# (`sharded`). Checked by name so optional back-ends need not be importable.
 SHARDED_STRATEGIES = (
     "FSDPStrategy",
     "DeepSpeedStrategy",
-    "ModelParallelStrategy",
     "XLAFSDPStrategy",
 )
 # More bins than TensorBoard can show, and a bound on the memory of a histogram step.
@@ -78,6 +79,12 @@ class GradientMonitor(Callback):
     histogram counts. Under data parallelism a logging step also all-reduces the loss, so that
     every rank's alerts use the loss that is logged (the mean over the processes).
 
+    Under FSDP2 (Lightning's ``ModelParallelStrategy`` with ``fully_shard``: every parameter a
+    DTensor sharded over the ranks) every value is the whole model's, combined from each rank's
+    shards by :mod:`gradwatch.monitor.sharded`: one all-reduce per logging step (a second for
+    inf norms, the stop mode's first bad step and histogram ranges, a third for histogram
+    counts), and every rank keeps the same alert state.
+
     Args:
         log_every_n_steps: write scalars every this many optimizer steps. ``None``: the Trainer's
             ``log_every_n_steps``, so the values line up with ``train/loss``. ``0``: never.
@@ -111,8 +118,11 @@ class GradientMonitor(Callback):
         ValueError:
             If an argument is out of its range (the message names it and the allowed values).
         MisconfigurationException:
-            In ``setup``, with a strategy that shards parameters (FSDP, DeepSpeed, model parallel):
-            per-shard norms are not the model's norms.
+            In ``setup``, with a strategy that shards parameters other than as DTensors (FSDP1,
+            DeepSpeed, XLA's FSDP): per-shard norms are not the model's norms.
+        ValueError:
+            In ``on_train_start``, with DTensor parameters laid out other than sharded over
+            every rank (tensor parallelism, replicated parameters).
 
     Example::
 
@@ -200,6 +210,8 @@ class GradientMonitor(Callback):
         self._step = -1
         self._write_scalars = self._write_hist = False
         self._measured_once = self._warned_unmeasured = False
+        # FSDP2: every rank measures its shards, and each logging step combines them.
+        self._sharded = False
         # Stop mode: the first step with a non-finite gradient, kept on device (no sync).
         self._first_bad_step: Tensor | None = None
         # Parameters that require grad but are in no optimizer's param groups, by name.
@@ -234,7 +246,8 @@ class GradientMonitor(Callback):
             raise MisconfigurationException(
                 f"GradientMonitor does not support {strategy.__name__}: each rank holds a shard of"
                 " the parameters, and norms of a shard are not the model's norms. Use a DDP"
-                " strategy (`ddp`, `ddp_spawn`) or remove the monitor from the callbacks."
+                " strategy (`ddp`, `ddp_spawn`), FSDP2 through ModelParallelStrategy, or remove"
+                " the monitor from the callbacks."
             )
 
     @override
@@ -263,6 +276,7 @@ class GradientMonitor(Callback):
         if self._tb is not None and trainer.is_global_zero:
             first_screen.write_layout(self._tb)
         self._names = parameter_names(pl_module)
+        self._sharded = sharded.check_layout(pl_module, trainer.world_size)
         self._tags = Tags(list(self._names.values()), num_optimizers=len(trainer.optimizers))
         # Hooks added and removed around a compiled module's forward would recompile it at every
         # logging step: under torch.compile the hook-based statistics are off.
@@ -338,7 +352,8 @@ class GradientMonitor(Callback):
                 names=names,
                 norm_types=self.norm_types,
                 # Clipping rescales NaN/Inf gradients in place after this hook: count them now.
-                count_nonfinite_now=bool(trainer.gradient_clip_val),
+                # Shards are counted now too, so that the counts join the step's one all-reduce.
+                count_nonfinite_now=bool(trainer.gradient_clip_val) or self._sharded,
                 weight_norms=self.log_weight_norms or self.log_update_ratio or write_hist,
                 snapshot=self.log_update_ratio or write_hist,
                 copy_grads=write_hist,
@@ -412,12 +427,17 @@ class GradientMonitor(Callback):
         grads = [g for m in pending for g in m.grads]
         clipped = bool(trainer.gradient_clip_val) and bool(grads)
         if clipped:
-            parts.append(stats.total_norm(grads))
+            parts.append((stats.total_norm(grads), sharded.norm(2.0)))
         if loss is not None and self._write_scalars:
-            parts.append(self._logged_loss(trainer, loss))
+            if self._sharded:  # the mean over the ranks joins the step's one all-reduce
+                parts.append((loss.detach().reshape(1), sharded.MEAN))
+            else:
+                parts.append((self._logged_loss(trainer, loss), sharded.SAME))
         first_bad = self._first_bad_step
         if first_bad is not None:
-            parts.append(first_bad.reshape(1).to(stats.exact_dtype(first_bad.device)))
+            # None yet (-1) travels as +inf, so that the earliest step over the ranks is the min.
+            bad = first_bad.reshape(1).to(stats.exact_dtype(first_bad.device))
+            parts.append((torch.where(bad < 0, math.inf, bad), sharded.MIN))
             self._first_bad_step = None
         activations = dict(self._probe.stats) if self._write_scalars else {}
         # Activation histograms (on request): the outputs the probe kept, under the layer's tag.
@@ -425,32 +445,40 @@ class GradientMonitor(Callback):
             self._tags.layer(layer): values for layer, values in self._probe.values.items()
         }
         self._probe.stats, self._probe.values = {}, {}
-        parts += list(activations.values())
+        # Each rank's share of dead, saturated or alike units is of its own batch: their mean.
+        parts += [(a, sharded.MEAN) for a in activations.values()]
         carried = torch.stack(self._carried).norm(dim=0) if self._carried else None
         self._carried = []
         if carried is not None:
-            parts.append(carried)
+            parts.append((carried, sharded.norm(2.0)))
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         amp_scale = (
             scaler._get_scale_async() if scaler is not None and scaler.is_enabled() else None
         )
         if amp_scale is not None:
-            parts.append(amp_scale.detach().reshape(1).float())
+            parts.append((amp_scale.detach().reshape(1).float(), sharded.SAME))
         jobs_tensors: list[Tensor] = []
         if self._write_hist and self._tb is not None:
             for m in pending:
-                jobs_tensors += [
-                    t for t in (m.grad_copies or []) + (m.before or []) if self._drawn(t)
-                ]
+                grads = zip(m.grad_names, m.grad_copies or [], strict=False)
+                jobs_tensors += [t for n, t in grads if self._drawn(m.grad_numels[n])]
+                weights = zip(m.weight_names, m.before or [], strict=False)
+                jobs_tensors += [t for n, t in weights if self._drawn(m.weight_numels[n])]
             jobs_tensors += list(activation_values.values())
-            parts += histograms.device_stats(jobs_tensors)
+            if self._sharded:
+                parts += sharded.histogram_parts(jobs_tensors)
+            else:
+                parts += [(t, sharded.SAME) for t in histograms.device_stats(jobs_tensors)]
 
-        host = stats.to_host(parts)  # the one transfer of the step
+        if self._sharded:
+            host = stats.to_host(sharded.all_reduce(parts))  # the step's one all-reduce
+        else:
+            host = stats.to_host([t for t, _ in parts])  # the one transfer of the step
         measured = [(m.optimizer_index, stats.read(m, host)) for m in pending]
         scale = next((v.scale for _, v in measured if v.scale != 1.0), 1.0)
         clipped_total = next(host)[0] / scale if clipped else None
         loss_value = next(host)[0] if loss is not None and self._write_scalars else None
-        bad_step = next(host)[0] if first_bad is not None else -1.0
+        bad_step = next(host)[0] if first_bad is not None else math.inf
         activation_stats = {
             self._tags.layer(layer): dict(zip(STATS, next(host), strict=True))
             for layer in activations
@@ -482,7 +510,7 @@ class GradientMonitor(Callback):
                     nonfinite=scalars.nonfinite,
                     update_ratios=scalars.update_ratios,
                     loss=loss_value,
-                    first_bad_step=int(bad_step) if bad_step >= 0 else None,
+                    first_bad_step=int(bad_step) if math.isfinite(bad_step) else None,
                     overflow_expected=scaler is not None,
                     no_gradient=self._no_gradient,
                     not_optimized=self._not_optimized,
@@ -496,6 +524,17 @@ class GradientMonitor(Callback):
                 trainer.should_stop = True
         else:
             alerts = []
+        hists = []
+        if jobs_tensors and self._tb is not None and (self._sharded or trainer.is_global_zero):
+            # Under sharding every rank bins its shards: the counts are summed over the ranks.
+            jobs = self._histogram_jobs(pending, measured)
+            # Their norms are not among the scalars: NaN has them taken with the bins.
+            jobs += [
+                histograms.Job(f"activation_hist/{layer}", values, math.nan)
+                for layer, values in activation_values.items()
+            ]
+            binned = sharded.histograms if self._sharded else histograms.histograms
+            hists = binned(jobs, host, self.bins)
         if not trainer.is_global_zero:
             # Other ranks hold the same all-reduced gradients and loss: they keep the same alert
             # state (so `should_stop` agrees on every rank without a collective of its own) but
@@ -511,14 +550,7 @@ class GradientMonitor(Callback):
                     scalars.metrics[f"activation/{stat}/{layer}"] = values[stat]
             log10 = first_screen.log10_scalars(scalars.layer_norms, scalars.update_ratios)
             writers.write_scalars(trainer.loggers, scalars.metrics, self._step, log10)
-        if jobs_tensors and self._tb is not None:
-            jobs = self._histogram_jobs(pending, measured)
-            # Their norms are not among the scalars: NaN has them taken with the bins.
-            jobs += [
-                histograms.Job(f"activation_hist/{layer}", values, math.nan)
-                for layer, values in activation_values.items()
-            ]
-            hists = histograms.histograms(jobs, host, self.bins)
+        if hists:
             writers.write_histograms(self._tb, hists, self._step)
 
     @staticmethod
@@ -546,24 +578,27 @@ class GradientMonitor(Callback):
         for m, (_, values) in zip(pending, measured, strict=True):
             scale = values.scale
             for name, copy in zip(m.grad_names, m.grad_copies or [], strict=True):
-                if not self._drawn(copy):
+                numel = m.grad_numels[name]
+                if not self._drawn(numel):
                     continue
                 # The norm of the copy as it is (still scaled where the values are).
                 norm = values.grad_norms[2.0][name] * scale
-                jobs.append(
-                    histograms.Job(f"grad_hist/{self._tags.param(name)}", copy, norm, scale)
-                )
+                tag = f"grad_hist/{self._tags.param(name)}"
+                jobs.append(histograms.Job(tag, copy, norm, scale, numel=numel))
             for name, copy in zip(m.weight_names, m.before or [], strict=True):
-                if not self._drawn(copy):
+                numel = m.weight_numels[name]
+                if not self._drawn(numel):
                     continue
                 norm = values.weight_norms[name]
-                jobs.append(histograms.Job(f"weight_hist/{self._tags.param(name)}", copy, norm))
+                tag = f"weight_hist/{self._tags.param(name)}"
+                jobs.append(histograms.Job(tag, copy, norm, numel=numel))
         return jobs
 
-    def _drawn(self, tensor: Tensor) -> bool:
-        """Whether a tensor gets a histogram: below ``histogram_min_values`` values it would be a
-        few spikes with overlapping labels, and its norm scalars say the same."""
-        return tensor.numel() >= self.histogram_min_values
+    def _drawn(self, numel: int) -> bool:
+        """Whether a tensor of ``numel`` values (the whole tensor's, under sharding: every rank
+        decides alike) gets a histogram: below ``histogram_min_values`` values it would be a few
+        spikes with overlapping labels, and its norm scalars say the same."""
+        return numel >= self.histogram_min_values
 
     def _track_nonfinite(self, params: list[Tensor], step: int) -> None:
         grads = [stored_values(p.grad) for p in params if p.grad is not None]

@@ -8,7 +8,7 @@ every histogram come back in a second transfer.
 """
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -37,12 +37,18 @@ class Histogram:
 @dataclass
 class Job:
     """A tensor to bin: its tag, the copy to bin, its L2 norm (known from the scalars) and the
-    divisor of its values (the AMP scale of still-scaled gradients, else 1)."""
+    divisor of its values (the AMP scale of still-scaled gradients, else 1). Under sharding
+    ``tensor`` is this rank's shard and ``numel`` the whole tensor's number of values."""
 
     tag: str
     tensor: Tensor
     norm: float
     scale: float = 1.0
+    numel: int | None = None  # None: the tensor's own
+
+    def __post_init__(self) -> None:
+        if self.numel is None:
+            self.numel = self.tensor.numel()
 
 
 def device_stats(tensors: list[Tensor]) -> list[Tensor]:
@@ -73,6 +79,19 @@ def histograms(jobs: list[Job], host: Iterator[list[float]], bins: int) -> list[
             stats.append((lo, hi, float(job.tensor.numel()), total, job.norm * job.norm))
         else:  # a transfer more, on such steps only
             stats.append(tuple(finite_stats(job.tensor).tolist()))
+    return binned(jobs, stats, bins)
+
+
+def binned(
+    jobs: list[Job],
+    stats: list[tuple[float, float, float, float, float]],
+    bins: int,
+    sum_over_ranks: Callable[[Tensor], Tensor] | None = None,
+) -> list[Histogram]:
+    """Every job's histogram from its finite values' (min, max, count, sum, sum of squares):
+    the counts binned on the device, then moved to the host in one transfer. Under sharding
+    (``sum_over_ranks``) each rank bins its shard over the range the ranks share, and the
+    counts are summed over the ranks before the transfer."""
     counts: list[Tensor] = []
     drawn = []
     deterministic = torch.are_deterministic_algorithms_enabled()
@@ -80,18 +99,24 @@ def histograms(jobs: list[Job], host: Iterator[list[float]], bins: int) -> list[
         if num == 0:
             continue  # every value non-finite: nothing to draw, counted in grad_nonfinite
         drawn.append((job, lo, hi, num, total, sumsq))
-        if lo == hi:
+        if lo == hi and sum_over_ranks is None:
             counts.append(torch.full((1,), num, dtype=torch.float64, device=job.tensor.device))
             continue
         x = job.tensor
         if deterministic and x.device.type == "cuda":
             x = x.cpu()  # `torch.histc` has no deterministic CUDA kernel
         x = flat_float(x)
-        counts.append(histc_(x, bins, lo, hi, finite=num == x.numel()).double())
+        if lo == hi:  # every finite value is lo: this shard's count of them, the one bin
+            counts.append((x == lo).sum().reshape(1).double())
+            continue
+        counts.append(histc_(x, bins, lo, hi, finite=num == job.numel).double())
     if not counts:
         return []
     device = counts[0].device
-    host_counts = torch.cat([c.to(device) for c in counts]).tolist()  # the second transfer
+    every_count = torch.cat([c.to(device) for c in counts])
+    if sum_over_ranks is not None:
+        every_count = sum_over_ranks(every_count)
+    host_counts = every_count.tolist()  # the second transfer
     out, offset = [], 0
     for job, lo, hi, num, total, sumsq in drawn:
         n_bins = 1 if lo == hi else bins

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from gradwatch.layers import layer_of
+from gradwatch.monitor import sharded
 
 # The whole model's gradient norm, and the same after clipping: no layer or parameter may take
 # these tags.
@@ -100,8 +101,10 @@ def _claim(name: str, kind: str, used: set[str]) -> str:
 
 
 def stored_values(tensor: Tensor) -> Tensor:
-    """A dense tensor itself; of a sparse one, its stored values once duplicates are summed (their
-    norm is the dense tensor's norm)."""
+    """The values this process stores: a dense tensor itself; of a sparse one, its stored values
+    once duplicates are summed (their norm is the dense tensor's norm); of a sharded one (FSDP2's
+    DTensor), this rank's shard (:mod:`gradwatch.monitor.sharded` combines the ranks')."""
+    tensor = sharded.local(tensor)
     if tensor.layout == torch.strided:
         return tensor
     return tensor.coalesce().values()

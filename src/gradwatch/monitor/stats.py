@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from gradwatch.monitor.names import stored_values
+from gradwatch.monitor.sharded import SAME, SUM, Across, is_sharded, norm
 
 
 @dataclass
@@ -34,6 +35,10 @@ class Measurement:
     weight_names: list[str]
     weights: list[Tensor]  # the parameters themselves, detached
     weight_norms: Tensor | None
+    # By name, how many values were measured: a sparse gradient's stored values; under sharding,
+    # the whole tensor's, not the shard's (so that every rank decides alike what to draw).
+    grad_numels: dict[str, int]
+    weight_numels: dict[str, int]
     before: list[Tensor] | None  # copies of the weights before the step
     grad_copies: list[Tensor] | None  # copies of the gradients as measured, for histograms
     scale: Tensor | None  # the GradScaler's scale, where the gradients are still scaled
@@ -74,10 +79,10 @@ def measure(
             copied, since ``scaler.update()`` changes it in place before the transfer.
     """
     with_grad = [(n, p.grad) for n, p in zip(names, params, strict=True) if p.grad is not None]
-    grad_names, grads = _grouped(
-        [n for n, _ in with_grad], [stored_values(g) for _, g in with_grad]
-    )
-    weight_names, weights = _grouped(names, [p.detach() for p in params])
+    stored = [stored_values(g) for _, g in with_grad]
+    grad_names, grads = _grouped([n for n, _ in with_grad], stored)
+    # Under sharding, this rank's shards: views that the optimizer's step updates in place.
+    weight_names, weights = _grouped(names, [stored_values(p.detach()) for p in params])
     norm_of = {ord_: _concat(_foreach_norms(grads, ord_)) for ord_ in norm_types} if grads else {}
     nonfinite = None
     if count_nonfinite_now and grads:
@@ -91,24 +96,31 @@ def measure(
         weight_names=weight_names,
         weights=weights,
         weight_norms=_concat(_foreach_norms(weights, 2.0)) if weight_norms and weights else None,
+        grad_numels={
+            n: g.numel() if is_sharded(g) else v.numel()
+            for (n, g), v in zip(with_grad, stored, strict=True)
+        },
+        weight_numels={n: p.numel() for n, p in zip(names, params, strict=True)},
         before=_copy(weights) if snapshot else None,
         grad_copies=_copy(grads) if copy_grads else None,
         scale=None if scale is None else scale.detach().clone().reshape(1),
     )
 
 
-def device_parts(m: Measurement) -> list[Tensor]:
+def device_parts(m: Measurement) -> list[tuple[Tensor, Across]]:
     """The measurement's tensors for the transfer, after the step: norms, counts, weight norms,
-    and the norms of the weights' change. :func:`read` takes them back in this order."""
-    parts = [m.norms[ord_] for ord_ in m.norms]
+    and the norms of the weights' change, each with how it combines over the ranks when the
+    parameters are sharded. :func:`read` takes them back in this order."""
+    parts = [(m.norms[ord_], norm(ord_)) for ord_ in m.norms]
     if m.nonfinite is not None:
-        parts.append(m.nonfinite)
+        parts.append((m.nonfinite, SUM))
     if m.weight_norms is not None:
-        parts.append(m.weight_norms)
+        parts.append((m.weight_norms, norm(2.0)))
     if m.before is not None and m.weight_norms is not None:
-        parts.append(_concat(_foreach_norms(torch._foreach_sub(m.weights, m.before), 2.0)))
+        change = torch._foreach_sub(m.weights, m.before)
+        parts.append((_concat(_foreach_norms(change, 2.0)), norm(2.0)))
     if m.scale is not None:
-        parts.append(m.scale)
+        parts.append((m.scale, SAME))
     return parts
 
 
@@ -208,7 +220,10 @@ def _foreach_norms(tensors: list[Tensor], ord_: float) -> list[Tensor]:
             end += 1
         low = first.dtype in (torch.float16, torch.bfloat16)
         dtype = torch.float32 if low else None
-        out += torch._foreach_norm(tensors[start:end], ord_, dtype=dtype)
+        # An empty tensor (a rank's shard of a small FSDP2 parameter) has the norm of one zero,
+        # and the inf norm of an empty tensor has no identity in torch.
+        run = [t if t.numel() else t.new_zeros(1) for t in tensors[start:end]]
+        out += torch._foreach_norm(run, ord_, dtype=dtype)
         start = end
     return out
 
