@@ -120,6 +120,13 @@ BAD: dict[str, list[Any]] = {
     "callbacks.gradient_monitor.stall_loss_tol": [-0.01],
     "callbacks.gradient_monitor.stall_patience": [1],
     "callbacks.gradient_monitor.on_nonfinite": ["explode"],
+    "callbacks.gradient_monitor.log_activations": ["often"],
+    "callbacks.gradient_monitor.activation_histograms": [2],
+    "callbacks.gradient_monitor.saturation_eps": [-1e-3],
+    "callbacks.gradient_monitor.dead_fraction": [1.5],
+    "callbacks.gradient_monitor.saturated_fraction": [-0.5],
+    "callbacks.gradient_monitor.symmetric_fraction": [2],
+    "callbacks.gradient_monitor.activation_patience": [0],
     # callbacks/console.yaml
     "callbacks.console._target_": ["gradwatch.console.NoSuchCallback"],
     "callbacks.console.print_every": [-1, 2.5],

@@ -175,8 +175,12 @@ class MLPModule(pl.LightningModule):
         """Under Lightning's ModelParallelStrategy (`trainer=fsdp`): FSDP2's `fully_shard` on
         each Linear layer, then on the network, so that every parameter is sharded over the
         processes and each layer's weights are gathered only while it computes. Lightning calls
-        this under every strategy, before the optimizer is built; the others need nothing."""
-        if not isinstance(self.trainer.strategy, ModelParallelStrategy) or self._sharded:
+        this under every strategy, before the optimizer is built, and `load_from_checkpoint`
+        without a Trainer; the others need nothing."""
+        trainer = self._trainer
+        if trainer is None or not isinstance(trainer.strategy, ModelParallelStrategy):
+            return
+        if self._sharded:
             return
         mesh = self.device_mesh["data_parallel"]
         for layer in self.net.layers:
