@@ -21,12 +21,20 @@ def options(group: str) -> list[str]:
 EXPERIMENT_EXTRAS = {"xor_optuna": ("optuna", "hydra_plugins.hydra_optuna_sweeper")}
 
 
+def installed(module: str) -> bool:
+    """Whether `module` can be imported; find_spec raises when its parent package is absent."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def experiment_options() -> list:
     """Every experiment, those whose extra is not installed skipped, saying which extra."""
     params = []
     for name in options("experiment"):
         extra, module = EXPERIMENT_EXTRAS.get(name, (None, None))
-        missing = module is not None and importlib.util.find_spec(module) is None
+        missing = module is not None and not installed(module)
         reason = f"needs the {extra} extra: .venv/bin/pip install -e '.[{extra}]'"
         params.append(pytest.param(name, marks=pytest.mark.skipif(missing, reason=reason)))
     return params
