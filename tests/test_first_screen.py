@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.util import tensor_util
-from test_monitor import X_XOR, Y_XOR, Module, Net, Recorder, fit, read_events, scalars, xor_loader
+from test_monitor import fit, plain_sgd_fit, read_events, scalars
 
 from gradwatch.monitor import GradientMonitor
 from gradwatch.monitor.first_screen import LAYOUT, log10_scalars
@@ -36,21 +36,8 @@ def test_log10_values_equal_log10_of_norms_recomputed_from_sgd_steps(tmp_path):
     """For SGD without momentum g_k = (w_k - w_{k+1}) / lr: each layer's gradient norm and
     update ratio recomputed from the weights, then log10."""
     lr = 0.5
-    recorder = Recorder()
-
-    def module():
-        return Module(net=Net().double(), optimizer=lambda p: torch.optim.SGD(p, lr=lr))
-
-    trainer, _ = fit(
-        tmp_path,
-        GradientMonitor(),
-        module=module,
-        loader=xor_loader(x=X_XOR.double(), y=Y_XOR.double()),
-        max_epochs=4,
-        extra_callbacks=[recorder],
-    )
+    trainer, w = plain_sgd_fit(tmp_path, GradientMonitor(), lr, 4)
     values = scalars(read_events(trainer.logger.log_dir))
-    w = recorder.weights
     for k in range(4):
         for layer in ("fc1", "fc2"):
             names = (f"{layer}.weight", f"{layer}.bias")

@@ -305,25 +305,27 @@ def test_nothing_at_all_on_other_steps_and_one_transfer_on_logging_steps(tmp_pat
 # ----------------------------------------------------------------------------------------------
 
 
+def plain_sgd_fit(tmp_path, monitor, lr, max_epochs):
+    """The tutorial's network in float64 under SGD without momentum, so that g_k =
+    (w_k - w_{k+1}) / lr loses nothing of lr * g_k to rounding. Returns the Trainer and the
+    weights w_0, w_1, ... (``Recorder.weights``)."""
+    recorder = Recorder()
+    trainer, _ = fit(
+        tmp_path,
+        monitor,
+        module=lambda: Module(net=Net().double(), optimizer=lambda p: torch.optim.SGD(p, lr=lr)),
+        loader=xor_loader(x=X_XOR.double(), y=Y_XOR.double()),
+        max_epochs=max_epochs,
+        extra_callbacks=[recorder],
+    )
+    return trainer, recorder.weights
+
+
 def test_plain_sgd_norms_equal_weight_steps_over_lr(tmp_path):
     """For SGD without momentum, g_k = (w_k - w_{k+1}) / lr: every logged norm, recomputed."""
     lr = 0.5
-    recorder = Recorder()
-
-    # Float64, so that w_k - w_{k+1} loses nothing of lr * g_k to rounding.
-    def module():
-        return Module(net=Net().double(), optimizer=lambda p: torch.optim.SGD(p, lr=lr))
-
-    trainer, _ = fit(
-        tmp_path,
-        GradientMonitor(norm_types=(2, "inf", 1)),
-        module=module,
-        loader=xor_loader(x=X_XOR.double(), y=Y_XOR.double()),
-        max_epochs=6,
-        extra_callbacks=[recorder],
-    )
+    trainer, w = plain_sgd_fit(tmp_path, GradientMonitor(norm_types=(2, "inf", 1)), lr, 6)
     values = scalars(read_events(trainer.logger.log_dir))
-    w = recorder.weights
     for k in range(6):
         grads = {n: (w[k][n] - w[k + 1][n]) / lr for n in w[k]}
         for n, g in grads.items():
