@@ -93,6 +93,13 @@ def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, 
             "gradwatch_hist50_ab",
             15,
         )
+        monitor_check(
+            "tutorial: the monitor with every_step=true",
+            "tutorial",
+            ("gradwatch_every_step", "gradwatch_nomon"),
+            "gradwatch_every_step_ab",
+            10,
+        )
         noop = by.get(("tutorial", "noop_callback_ab"), {}).get("interleaved_pct")
         if noop is not None:
             out.append(
@@ -124,6 +131,13 @@ def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, 
             ("hist_50", "none"),
             "hist_50_ab",
             15,
+        )
+        monitor_check(
+            f"{block}: the monitor with every_step=true",
+            block,
+            ("every_step", "none"),
+            "every_step_ab",
+            5,
         )
         check(
             f"{block}: recipe / monitor defaults (loop)",

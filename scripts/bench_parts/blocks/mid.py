@@ -37,6 +37,13 @@ def contenders(quick: bool, notes: list[str], block: str = "mid", device: str = 
         },
         "none",
     )
+    specs.add(
+        "every_step",
+        "GradientMonitor, every_step=true",
+        "monitored",
+        {**mid, "kind": "monitor", "monitor": {"every_step": True}},
+        "none",
+    )
     # "All histograms": histogram_min_values=1 draws the 10-value output bias too.
     specs.add(
         "hist_50",
@@ -71,6 +78,17 @@ def contenders(quick: bool, notes: list[str], block: str = "mid", device: str = 
             **ab,
             "monitor": {"histogram_every_n_steps": 50, "histogram_min_values": 1},
             "interleave": {"block": 50, "hist_every": 50, "epoch_steps": epoch_steps},
+        },
+        "none",
+    )
+    specs.add(
+        "every_step_ab",
+        "every_step=true, in and out by turns",
+        "monitored",
+        {
+            **ab,
+            "monitor": {"every_step": True},
+            "interleave": {"block": 50, "hist_every": 500, "epoch_steps": epoch_steps},
         },
         "none",
     )

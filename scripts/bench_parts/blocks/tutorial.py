@@ -69,6 +69,21 @@ def contenders(quick: bool, notes: list[str]) -> Specs:
         },
         base,
     )
+    every_step = ["callbacks.gradient_monitor.every_step=true"]
+    specs.add(
+        "gradwatch_every_step",
+        "gradwatch, every_step=true",
+        "gradwatch",
+        {"overrides": ep + every_step},
+        base,
+    )
+    specs.add(
+        "gradwatch_every_step_ab",
+        "gradwatch, every_step=true, monitor in and out by turns",
+        "gradwatch",
+        {"overrides": ep + every_step, "interleave": {"block": 50, "hist_every": 500}},
+        base,
+    )
     specs.add(
         "noop_callback_ab",
         "gradwatch defaults + a Callback that does nothing, in and out by turns",

@@ -18,10 +18,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from gradwatch.monitor import arguments, first_screen, histograms, sharded, stats, writers
+from gradwatch.monitor import arguments, first_screen, histograms, sharded, spikes, stats, writers
 from gradwatch.monitor.activations import STATS, ActivationProbe
-from gradwatch.monitor.alerts import GradientAlert
-from gradwatch.monitor.arguments import check_bool, check_int, check_number
+from gradwatch.monitor.alerts import Alert, GradientAlert
+from gradwatch.monitor.arguments import check_bool, check_choice, check_int, check_number
+from gradwatch.monitor.every_step import StepBuffer, StepRecord, StepValues
 from gradwatch.monitor.fresh import FreshGradients
 from gradwatch.monitor.health import Health, Observation, Thresholds, format_table
 from gradwatch.monitor.names import Tags, optimizer_params, parameter_names, stored_values
@@ -110,6 +111,20 @@ class GradientMonitor(Callback):
             need them.
         activation_histograms: write ``activation_hist/<layer>`` on histogram steps.
         saturation_eps: how close to a sigmoid's or tanh's bound a saturated output is.
+        every_step: also write every step's gradient norms (the ``grad_norm`` families, their
+            totals, ``grad_norm/total_clipped`` and the log10 copies), taken on the device at
+            every step and moved to the host with the next logging step's one transfer
+            (:mod:`gradwatch.monitor.every_step`); the rest stays at ``log_every_n_steps``. It
+            also checks every step for spikes.
+        on_spike: with ``every_step``, what a spike of the total gradient norm or of the loss
+            does (:mod:`gradwatch.monitor.spikes`): ``"warn"``: an alert of kind ``spike`` and
+            ``spike/<quantity>`` (its robust z-score) at its step; ``"skip"``: also, a spike of
+            the gradient norm is not stepped on (every gradient of the optimizer set to None
+            before its step, as if the batch had none; counted in ``spike/skipped_steps``): one
+            host read of one flag per step; ``"off"``.
+        spike_window, spike_sigma, spike_factor: a spike lies more than ``spike_sigma`` robust
+            standard deviations above the median of the ``spike_window`` steps before it, in
+            log space, and is at least ``spike_factor`` times that median.
         on_nonfinite: ``"warn"``: alert and continue. ``"stop"``: alert and set
             ``trainer.should_stop``; training ends after the logging step that first sees a
             non-finite gradient (checked on device every step, read back on logging steps).
@@ -158,6 +173,11 @@ class GradientMonitor(Callback):
         saturated_fraction: float = 0.5,
         symmetric_fraction: float = 0.5,
         activation_patience: int = 3,
+        every_step: bool = False,
+        on_spike: str = "warn",
+        spike_window: int = 128,
+        spike_sigma: float = 6.0,
+        spike_factor: float = 5.0,
     ) -> None:
         check_int("log_every_n_steps", log_every_n_steps, minimum=0, allow_none=True)
         check_int("histogram_every_n_steps", histogram_every_n_steps, minimum=0, allow_none=True)
@@ -170,6 +190,16 @@ class GradientMonitor(Callback):
         check_number(
             "saturation_eps", saturation_eps, "a number in (0, 0.5)", lambda v: 0 < v < 0.5
         )
+        check_bool("every_step", every_step)
+        check_choice("on_spike", on_spike, ("warn", "skip", "off"))
+        check_int("spike_window", spike_window, minimum=4)
+        check_number("spike_sigma", spike_sigma, "a number > 0", lambda v: v > 0)
+        check_number("spike_factor", spike_factor, "a number > 1", lambda v: v > 1)
+        if on_spike == "skip" and not every_step:
+            raise ValueError(
+                "GradientMonitor: on_spike='skip' needs every_step=true (spikes are found from"
+                " every step's gradient norm), got every_step=false"
+            )
         self.norm_types = arguments.norm_types(norm_types)
         self.log_every_n_steps = log_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
@@ -181,6 +211,12 @@ class GradientMonitor(Callback):
         self.log_activations = log_activations
         self.activation_histograms = activation_histograms
         self._probe = ActivationProbe(eps=saturation_eps, keep_values=activation_histograms)
+        self.every_step = every_step
+        self.on_spike = on_spike
+        self._buffer = StepBuffer(self.norm_types)
+        rule = spikes.SpikeRule(window=spike_window, sigma=spike_sigma, factor=spike_factor)
+        self._spikes = spikes.SpikeWatch(rule, skip=on_spike == "skip")
+        self._recorded_step: int | None = None  # the step of the batch's records, until its end
         # The alert rules check their own thresholds.
         self.health = Health(
             Thresholds(
@@ -277,6 +313,14 @@ class GradientMonitor(Callback):
             first_screen.write_layout(self._tb)
         self._names = parameter_names(pl_module)
         self._sharded = sharded.check_layout(pl_module, trainer.world_size)
+        if self._sharded and self.every_step and self.on_spike == "skip":
+            raise ValueError(
+                "GradientMonitor: on_spike='skip' is not supported under FSDP2: deciding before"
+                " each step needs the whole model's gradient norm, a collective at every step."
+                " Use on_spike='warn' (spikes found at their step, reported at the next logging"
+                " step) or 'off'."
+            )
+        self._buffer = StepBuffer(self.norm_types)
         self._tags = Tags(list(self._names.values()), num_optimizers=len(trainer.optimizers))
         # Hooks added and removed around a compiled module's forward would recompile it at every
         # logging step: under torch.compile the hook-based statistics are off.
@@ -323,18 +367,32 @@ class GradientMonitor(Callback):
         every = self._scalar_every
         write_scalars = every > 0 and ((step + 1) % every == 0 or trainer.should_stop)
         write_hist = self._hist_every > 0 and (step + 1) % self._hist_every == 0
-        if not (write_scalars or write_hist):
+        record = self.every_step and every > 0
+        if not (write_scalars or write_hist or record):
             if self.on_nonfinite == "stop":
                 self._track_nonfinite(optimizer_params(optimizer), step)
-            return  # the common case: nothing at all
+            return  # the common case without every_step: nothing at all
         params = optimizer_params(optimizer)
-        self._probe.detach()  # the forward is over
-        self._step, self._write_scalars, self._write_hist = step, write_scalars, write_hist
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         # Optimizers that unscale inside `step()` (fused ones) leave this hook scaled gradients:
         # Lightning does not unscale them, so the values are divided by the scaler's scale.
         scaled = scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False)
-        names = [self._names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+        index = _index_of(optimizer, trainer.optimizers)
+        scale = scaler._get_scale_async() if scaled else None
+        recorded = None
+        if record:
+            recorded = self._buffer.record(
+                step, index, params, lambda: self._param_names(params), scale
+            )
+            self._recorded_step = step if recorded is not None else self._recorded_step
+        if not (write_scalars or write_hist):
+            if self.on_nonfinite == "stop":
+                self._track_nonfinite(params, step)
+            self._skip_if_spike(recorded, params)
+            return  # every_step's common case: the norms taken, nothing more
+        names = self._param_names(params)
+        self._probe.detach()  # the forward is over
+        self._step, self._write_scalars, self._write_hist = step, write_scalars, write_hist
         if not self._pending:
             self._no_gradient = []
             self._not_optimized = [name for name, p in self._unoptimized if p.grad is not None]
@@ -347,7 +405,7 @@ class GradientMonitor(Callback):
                 self._carried.append(carried)
         self._pending.append(
             stats.measure(
-                optimizer_index=_index_of(optimizer, trainer.optimizers),
+                optimizer_index=index,
                 params=params,
                 names=names,
                 norm_types=self.norm_types,
@@ -357,9 +415,27 @@ class GradientMonitor(Callback):
                 weight_norms=self.log_weight_norms or self.log_update_ratio or write_hist,
                 snapshot=self.log_update_ratio or write_hist,
                 copy_grads=write_hist,
-                scale=scaler._get_scale_async() if scaled else None,
+                scale=scale,
             )
         )
+        self._skip_if_spike(recorded, params)
+
+    def _param_names(self, params: list[Tensor]) -> list[str]:
+        return [self._names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+
+    def _skip_if_spike(self, recorded: StepRecord | None, params: list[Tensor]) -> None:
+        """``on_spike="skip"``: when the step's total gradient norm is a spike, the optimizer
+        does not step: torch's optimizers pass over parameters without a gradient (no update,
+        no momentum or Adam moment, no weight decay)."""
+        if recorded is None or not self._spikes.skip:
+            return
+        n = len(recorded.grad_names)
+        total = torch.linalg.vector_norm(stats.concat(recorded.norms[:n]).double())  # L2 first
+        if recorded.scale is not None:
+            total = total / recorded.scale.double()
+        if self._spikes.should_skip(recorded.step, recorded.optimizer_index, total):
+            for p in params:
+                p.grad = None
 
     @override
     def on_train_batch_end(
@@ -372,6 +448,14 @@ class GradientMonitor(Callback):
     ) -> None:
         self._probe.detach()
         self._fresh.detach()
+        if self._recorded_step is not None:
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            self._buffer.after_step(
+                self._recorded_step,
+                loss if isinstance(loss, Tensor) else None,
+                clipped=bool(trainer.gradient_clip_val),
+            )
+            self._recorded_step = None
         if self._pending:
             self._fresh.sums = {}  # measured: the next logging step sums its own
         if self.health.observed.first_loss is None and not self._read_first_loss:
@@ -395,6 +479,7 @@ class GradientMonitor(Callback):
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._pending = []
+        self._flush_steps(trainer)  # the steps after the last logging step
         if not self._enabled or not trainer.is_global_zero:
             return
         summary = self.summary()
@@ -405,12 +490,24 @@ class GradientMonitor(Callback):
             print(format_table(summary))
 
     @override
+    def on_save_checkpoint(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
+    ) -> None:
+        # The steps before a checkpoint are written with it, so that a run resumed from it has
+        # them all (a run stopped between two logging steps included). Under FSDP2 they wait:
+        # writing them would take a collective inside the checkpoint's save.
+        if not self._sharded:
+            self._flush_steps(trainer)
+
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return self.health.state_dict()
+        return {**self.health.state_dict(), "spikes": self._spikes.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.health.load_state_dict(state_dict)
+        if "spikes" in state_dict:
+            self._spikes.load_state_dict(state_dict["spikes"])
 
     # ------------------------------------------------------------------------------------------
     # A logging step: measured before the optimizer step, finished after it
@@ -457,6 +554,10 @@ class GradientMonitor(Callback):
         )
         if amp_scale is not None:
             parts.append((amp_scale.detach().reshape(1).float(), sharded.SAME))
+        # every_step: the steps since the last logging step, this one included, in the transfer.
+        buffered = bool(self._buffer.records) and self._write_scalars
+        if buffered:
+            parts += self._buffer.parts(self._sharded)
         jobs_tensors: list[Tensor] = []
         if self._write_hist and self._tb is not None:
             for m in pending:
@@ -489,6 +590,7 @@ class GradientMonitor(Callback):
             if math.isfinite(carried_norm) and math.isfinite(fresh_norm) and fresh_norm > 0:
                 carried_share = carried_norm / fresh_norm
         amp_scale_value = next(host)[0] if amp_scale is not None else None
+        steps = self._buffer.read(host, self._sharded) if buffered else []
         every_stepped = len(trainer.optimizers) <= 1 or len({i for i, _ in measured}) == len(
             trainer.optimizers
         )
@@ -524,6 +626,8 @@ class GradientMonitor(Callback):
                 trainer.should_stop = True
         else:
             alerts = []
+        found, spike_alerts = self._check_spikes(steps)
+        alerts += spike_alerts
         hists = []
         if jobs_tensors and self._tb is not None and (self._sharded or trainer.is_global_zero):
             # Under sharding every rank bins its shards: the counts are summed over the ranks.
@@ -540,18 +644,89 @@ class GradientMonitor(Callback):
             # state (so `should_stop` agrees on every rank without a collective of its own) but
             # write nothing.
             return
-        for alert in alerts:
-            rank_zero_warn(GradientAlert(f"GradientMonitor: {alert.line()}", alert))
-            if self._tb is not None:
-                writers.write_alert(self._tb, alert)
+        self._raise_alerts(alerts)
+        self._write_steps(trainer, [sv for sv in steps if sv.step != self._step], found)
         if self._write_scalars:
             for layer, values in activation_stats.items():
                 for stat in STATS[1:]:
                     scalars.metrics[f"activation/{stat}/{layer}"] = values[stat]
+            scalars.metrics.update(self._spike_scalars(self._step, found))
             log10 = first_screen.log10_scalars(scalars.layer_norms, scalars.update_ratios)
             writers.write_scalars(trainer.loggers, scalars.metrics, self._step, log10)
         if hists:
             writers.write_histograms(self._tb, hists, self._step)
+
+    def _flush_steps(self, trainer: "pl.Trainer") -> None:
+        """every_step: the steps not yet written (after the last logging step), in a transfer
+        of their own; their spikes checked, their alerts raised."""
+        if not self._buffer.records:
+            return
+        parts = self._buffer.parts(self._sharded)
+        if self._sharded:
+            host = stats.to_host(sharded.all_reduce(parts))
+        else:
+            host = stats.to_host([t for t, _ in parts])
+        steps = self._buffer.read(host, self._sharded)
+        found, alerts = self._check_spikes(steps)
+        if not trainer.is_global_zero:
+            return
+        self._raise_alerts(alerts)
+        self._write_steps(trainer, steps, found)
+
+    def _check_spikes(
+        self, steps: list[StepValues]
+    ) -> tuple[dict[int, dict[str, float]], list[Alert]]:
+        """The spikes among every_step's steps (z-scores by step and quantity) and their alerts,
+        recorded with the others (``gradients.json``)."""
+        if not steps or self.on_spike == "off":
+            return {}, []
+        totals = [
+            stats.combine([v for _, hv in sv.measured for v in hv.grad_norms[2.0].values()], 2.0)
+            for sv in steps
+        ]
+        found, alerts = self._spikes.observe(
+            [sv.step for sv in steps], totals, [sv.loss for sv in steps]
+        )
+        for alert in alerts:
+            self.health.add(alert)
+        return found, alerts
+
+    def _spike_scalars(self, step: int, found: dict[int, dict[str, float]]) -> dict[str, float]:
+        """``spike/<quantity>`` (the robust z-score) at a spike's step; under ``skip``, the
+        count of skipped steps so far at each step that skipped."""
+        out = {f"spike/{quantity}": z for quantity, z in found.get(step, {}).items()}
+        if self._spikes.skip and "grad_norm" in found.get(step, {}):
+            out["spike/skipped_steps"] = float(self._spikes.skipped_total)
+        return out
+
+    def _write_steps(
+        self, trainer: "pl.Trainer", steps: list[StepValues], found: dict[int, dict[str, float]]
+    ) -> None:
+        """every_step: one event per step, with the tags a logging step gives gradient norms."""
+        if not trainer.is_global_zero or not steps:
+            return
+        every = len(trainer.optimizers)
+        events = []
+        for sv in steps:
+            scalars = step_scalars(
+                sv.measured,
+                self._tags,
+                self.norm_types,
+                every <= 1 or len({i for i, _ in sv.measured}) == every,
+                sv.clipped_total,
+                weight_norms=False,
+                update_ratios=False,
+            )
+            scalars.metrics.update(self._spike_scalars(sv.step, found))
+            log10 = first_screen.log10_scalars(scalars.layer_norms, {})
+            events.append((sv.step, sv.wall_time, scalars.metrics, log10))
+        writers.write_scalar_steps(trainer.loggers, events)
+
+    def _raise_alerts(self, alerts: list[Alert]) -> None:
+        for alert in alerts:
+            rank_zero_warn(GradientAlert(f"GradientMonitor: {alert.line()}", alert))
+            if self._tb is not None:
+                writers.write_alert(self._tb, alert)
 
     @staticmethod
     def _logged_loss(trainer: "pl.Trainer", loss: Tensor) -> Tensor:

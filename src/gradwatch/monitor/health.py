@@ -89,11 +89,16 @@ class Health:
                 alerts.append(self._alert(obs.step, f, f.layers))
         self._active = active
         for alert in alerts:
-            for layer in alert.layers or ["total"]:
-                counts = self.alert_counts.setdefault(layer, {})
-                counts[alert.kind] = counts.get(alert.kind, 0) + 1
-            self.alerts.append(asdict(alert))
+            self.add(alert)
         return alerts
+
+    def add(self, alert: Alert) -> None:
+        """An alert found outside the rules (a spike, from every step's values), counted and
+        kept with the others."""
+        for layer in alert.layers or ["total"]:
+            counts = self.alert_counts.setdefault(layer, {})
+            counts[alert.kind] = counts.get(alert.kind, 0) + 1
+        self.alerts.append(asdict(alert))
 
     def nonfinite_now(self) -> bool:
         """Whether the last observation saw real (not a GradScaler's) NaN or Inf gradients."""

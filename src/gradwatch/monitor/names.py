@@ -69,6 +69,7 @@ class Tags:
             self._used.update(optimizer_total(i) for i in range(num_optimizers))
         self._param: dict[str, str] = {}
         self._layer: dict[str, str] = {}
+        self._layer_of_param: dict[str, str] = {}
         for name in names:
             self.param(name)
         for name in names:
@@ -78,6 +79,13 @@ class Tags:
         if name not in self._param:
             self._param[name] = _claim(name, "param", self._used)
         return self._param[name]
+
+    def layer_of_param(self, name: str) -> str:
+        """The tag of a parameter's layer (asked for every parameter at every step written)."""
+        tag = self._layer_of_param.get(name)
+        if tag is None:
+            tag = self._layer_of_param[name] = self.layer(layer_of(name))
+        return tag
 
     def layer(self, layer: str) -> str:
         if layer not in self._layer:

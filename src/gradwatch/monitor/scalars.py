@@ -9,7 +9,7 @@ written on the steps where every optimizer stepped.
 import math
 from dataclasses import dataclass, field
 
-from gradwatch.monitor.names import TOTAL, TOTAL_CLIPPED, Tags, layer_of, optimizer_total
+from gradwatch.monitor.names import TOTAL, TOTAL_CLIPPED, Tags, optimizer_total
 from gradwatch.monitor.stats import HostValues, combine
 
 
@@ -55,7 +55,7 @@ def step_scalars(
             norms = values.grad_norms[ord_]
             for name, v in norms.items():
                 metrics[f"{fam}/{tags.param(name)}"] = v
-                per_layer.setdefault(tags.layer(layer_of(name)), []).append(v)
+                per_layer.setdefault(tags.layer_of_param(name), []).append(v)
             if not every_optimizer_stepped and norms:
                 totals[optimizer_total(index)] = combine(list(norms.values()), ord_)
         layer_norms = {lay: combine(vs, ord_) for lay, vs in per_layer.items()}
@@ -73,7 +73,7 @@ def step_scalars(
     nonfinite: dict[str, float] = {}
     for _, values in measured:
         for name, count in values.nonfinite.items():
-            tag = tags.layer(layer_of(name))
+            tag = tags.layer_of_param(name)
             nonfinite[tag] = nonfinite.get(tag, 0.0) + count
     # Written only where a count is non-zero: in a healthy run these tags would be a card of zeros
     # per layer. The health rules still get every count (``out.nonfinite``).
@@ -87,7 +87,7 @@ def step_scalars(
     weights = {n: v for _, values in measured for n, v in values.weight_norms.items()}
     per_layer_weights: dict[str, list[float]] = {}
     for name, v in weights.items():
-        per_layer_weights.setdefault(tags.layer(layer_of(name)), []).append(v)
+        per_layer_weights.setdefault(tags.layer_of_param(name), []).append(v)
     out.weight_norms = {lay: combine(vs, 2.0) for lay, vs in per_layer_weights.items()}
     if weight_norms:
         for name, v in weights.items():
@@ -107,7 +107,7 @@ def _update_ratios(
     updates = {n: v for _, values in measured for n, v in values.update_norms.items()}
     members: dict[str, list[str]] = {}
     for name in weights:
-        members.setdefault(tags.layer(layer_of(name)), []).append(name)
+        members.setdefault(tags.layer_of_param(name), []).append(name)
     ratios = {}
     for lay, names in members.items():
         if not all(n in updates for n in names):

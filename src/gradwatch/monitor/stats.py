@@ -80,10 +80,10 @@ def measure(
     """
     with_grad = [(n, p.grad) for n, p in zip(names, params, strict=True) if p.grad is not None]
     stored = [stored_values(g) for _, g in with_grad]
-    grad_names, grads = _grouped([n for n, _ in with_grad], stored)
+    grad_names, grads = grouped([n for n, _ in with_grad], stored)
     # Under sharding, this rank's shards: views that the optimizer's step updates in place.
-    weight_names, weights = _grouped(names, [stored_values(p.detach()) for p in params])
-    norm_of = {ord_: _concat(_foreach_norms(grads, ord_)) for ord_ in norm_types} if grads else {}
+    weight_names, weights = grouped(names, [stored_values(p.detach()) for p in params])
+    norm_of = {ord_: concat(foreach_norms(grads, ord_)) for ord_ in norm_types} if grads else {}
     nonfinite = None
     if count_nonfinite_now and grads:
         nonfinite = torch.stack([count_nonfinite(g).to(norm_of[2.0].device) for g in grads])
@@ -95,7 +95,7 @@ def measure(
         nonfinite=nonfinite,
         weight_names=weight_names,
         weights=weights,
-        weight_norms=_concat(_foreach_norms(weights, 2.0)) if weight_norms and weights else None,
+        weight_norms=concat(foreach_norms(weights, 2.0)) if weight_norms and weights else None,
         grad_numels={
             n: g.numel() if is_sharded(g) else v.numel()
             for (n, g), v in zip(with_grad, stored, strict=True)
@@ -118,7 +118,7 @@ def device_parts(m: Measurement) -> list[tuple[Tensor, Across]]:
         parts.append((m.weight_norms, norm(2.0)))
     if m.before is not None and m.weight_norms is not None:
         change = torch._foreach_sub(m.weights, m.before)
-        parts.append((_concat(_foreach_norms(change, 2.0)), norm(2.0)))
+        parts.append((concat(foreach_norms(change, 2.0)), norm(2.0)))
     if m.scale is not None:
         parts.append((m.scale, SAME))
     return parts
@@ -152,7 +152,7 @@ def read(m: Measurement, host: Iterator[list[float]]) -> HostValues:
 
 def total_norm(grads: list[Tensor]) -> Tensor:
     """The L2 norm of every gradient together, as one 1-element tensor (no transfer)."""
-    return torch.linalg.vector_norm(_concat(_foreach_norms(grads, 2.0))).reshape(1)
+    return torch.linalg.vector_norm(concat(foreach_norms(grads, 2.0))).reshape(1)
 
 
 def to_host(parts: list[Tensor]) -> Iterator[list[float]]:
@@ -176,9 +176,7 @@ def combine(norms: list[float], ord_: float) -> float:
         return 0.0
     if math.isinf(ord_):
         return max(norms)
-    if any(math.isnan(v) for v in norms):
-        return math.nan
-    return math.fsum(v**ord_ for v in norms) ** (1.0 / ord_)
+    return math.fsum(v**ord_ for v in norms) ** (1.0 / ord_)  # NaN in, NaN out
 
 
 def count_nonfinite(tensor: Tensor) -> Tensor:
@@ -192,10 +190,10 @@ def exact_dtype(device: torch.device) -> torch.dtype:
 
 def any_nonfinite(grads: list[Tensor]) -> Tensor:
     """Whether any gradient holds NaN or Inf, as a tensor on the gradients' device (no sync)."""
-    return _concat(_foreach_norms(grads, 2.0)).isfinite().logical_not().any()
+    return concat(foreach_norms(grads, 2.0)).isfinite().logical_not().any()
 
 
-def _grouped(names: list[str], tensors: list[Tensor]) -> tuple[list[str], list[Tensor]]:
+def grouped(names: list[str], tensors: list[Tensor]) -> tuple[list[str], list[Tensor]]:
     """Names and tensors reordered so that tensors of one device and dtype are together: each
     group is one foreach kernel."""
     groups: dict[tuple, list[int]] = {}
@@ -205,7 +203,7 @@ def _grouped(names: list[str], tensors: list[Tensor]) -> tuple[list[str], list[T
     return [names[i] for i in order], [tensors[i] for i in order]
 
 
-def _foreach_norms(tensors: list[Tensor], ord_: float) -> list[Tensor]:
+def foreach_norms(tensors: list[Tensor], ord_: float) -> list[Tensor]:
     """One norm per tensor, one foreach kernel per run of the same device and dtype; half
     precision sums in fp32 (a sum of squares overflows fp16 at 256)."""
     out: list[Tensor] = []
@@ -228,10 +226,13 @@ def _foreach_norms(tensors: list[Tensor], ord_: float) -> list[Tensor]:
     return out
 
 
-def _concat(scalars: list[Tensor]) -> Tensor:
-    """0-d tensors as one 1-D tensor on the first one's device."""
-    device = scalars[0].device
-    return torch.stack([s.to(device) for s in scalars])
+def concat(scalars: list[Tensor]) -> Tensor:
+    """0-d tensors as one 1-D tensor on the first one's device (of their promoted dtype)."""
+    try:
+        return torch.stack(scalars)
+    except RuntimeError:  # on several devices: rare, and then a copy each
+        device = scalars[0].device
+        return torch.stack([s.to(device) for s in scalars])
 
 
 def _copy(tensors: list[Tensor]) -> list[Tensor]:

@@ -3,13 +3,23 @@
 TensorBoard gets all of a step's scalars as one event and all of its histograms as another (one
 record and one checksum each): its logger's ``log_metrics`` writes one event per scalar, which
 costs more than computing the norms. Every other logger gets ``log_metrics``.
+
+Many steps at once (``every_step``'s steps since the last logging step) are appended to the run's
+event file in one write, framed as TensorBoard frames them: its writer opens and closes the file
+for every record and checksums it in pure Python, in its writer thread, behind a queue of ten, so
+that fifty events in a row hold up the training loop for about as long as fifty steps' norms.
 """
+
+import functools
+import math
+import struct
 
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
 from gradwatch.monitor.alerts import Alert
 from gradwatch.monitor.histograms import Histogram
+from gradwatch.overhead import masked_crc32c
 
 
 def write_scalars(
@@ -22,15 +32,108 @@ def write_scalars(
     TensorBoard, in the same event."""
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
-            summary = Summary()
-            add = summary.value.add  # half the time of building Summary.Value objects first
-            for tag, value in metrics.items():
-                add(tag=tag, simple_value=value)
-            for tag, value in (tensorboard_only or {}).items():
-                add(tag=tag, simple_value=value)
-            _write(logger, summary, step)
+            _write(logger, _summary(metrics, tensorboard_only), step)
         else:
             logger.log_metrics(metrics, step=step)
+
+
+def write_scalar_steps(
+    loggers: list[Logger], steps: list[tuple[int, float, dict[str, float], dict[str, float]]]
+) -> None:
+    """Many steps' scalars, each ``(step, wall time, metrics, tensorboard_only)``, in order: an
+    event per step, as :func:`write_scalars` would write them one by one."""
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            _append(logger, steps)
+        else:
+            for step, _, metrics, _ in steps:
+                logger.log_metrics(metrics, step=step)
+
+
+def _summary(metrics: dict[str, float], tensorboard_only: dict[str, float] | None) -> Summary:
+    summary = Summary()
+    add = summary.value.add  # half the time of building Summary.Value objects first
+    for tag, value in metrics.items():
+        add(tag=tag, simple_value=value)
+    for tag, value in (tensorboard_only or {}).items():
+        add(tag=tag, simple_value=value)
+    return summary
+
+
+def _append(
+    logger: TensorBoardLogger, steps: list[tuple[int, float, dict[str, float], dict[str, float]]]
+) -> None:
+    """The steps' events at the end of the logger's event file, in one write, once what its
+    writer has queued is written (so that every tag's steps stay in order). Where the file is
+    not local or the C checksum is missing, through the writer, event by event."""
+    file_writer = logger.experiment._get_file_writer()
+    path = getattr(file_writer.event_writer, "_file_name", "")
+    if not path or "://" in path or not fast_checksums():
+        for step, wall, metrics, extra in steps:
+            file_writer.add_summary(_summary(metrics, extra), step, wall)
+        return
+    file_writer.flush()  # its queue emptied, and its first write (which truncates) done
+    records = [
+        _record(scalar_event_bytes(step, wall, {**metrics, **extra}))
+        for step, wall, metrics, extra in steps
+    ]
+    with open(path, "ab") as f:
+        f.write(b"".join(records))
+
+
+def scalar_event_bytes(step: int, wall_time: float, values: dict[str, float]) -> bytes:
+    """``Event(wall_time, step, summary=Summary(value=[Value(tag, simple_value)...]))`` encoded
+    as protobuf encodes it, in a fifth of the time of building the messages: an event per step
+    is most of every_step's cost on the host. (Fields: Event 1 wall_time double, 2 step varint,
+    5 summary; Summary 1 value; Value 1 tag, 2 simple_value float.)"""
+    summary = b"".join(_value_prefix(tag) + _float32(v) for tag, v in values.items())
+    step_field = b"\x10" + _varint(step) if step else b""  # proto3 leaves out a zero
+    return (
+        b"\x09" + struct.pack("<d", wall_time) + step_field + b"\x2a" + _varint(len(summary))
+    ) + summary
+
+
+@functools.lru_cache(maxsize=4096)
+def _value_prefix(tag: str) -> bytes:
+    """A Summary's value field up to the float: its length, the tag, the float's key."""
+    name = tag.encode()
+    value = b"\x0a" + _varint(len(name)) + name + b"\x15"
+    return b"\x0a" + _varint(len(value) + 4) + value
+
+
+def _float32(value: float) -> bytes:
+    try:
+        return struct.pack("<f", value)
+    except OverflowError:  # beyond float32: infinite, as protobuf stores it
+        return struct.pack("<f", math.copysign(math.inf, value))
+
+
+def _varint(n: int) -> bytes:
+    if n < 0:  # int64: two's complement in ten bytes
+        n += 1 << 64
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _record(data: bytes) -> bytes:
+    """One TFRecord: length, its masked CRC32C, the data, its masked CRC32C (TensorBoard's
+    RecordWriter)."""
+    header = struct.pack("<Q", len(data))
+    crcs = struct.pack("<I", masked_crc32c(header)), struct.pack("<I", masked_crc32c(data))
+    return header + crcs[0] + data + crcs[1]
+
+
+def fast_checksums() -> bool:
+    """Whether ``google-crc32c`` (a dependency) has its C extension here."""
+    try:
+        import google_crc32c
+    except ImportError:
+        return False
+    return google_crc32c.implementation == "c"
 
 
 def write_histograms(logger: TensorBoardLogger, hists: list[Histogram], step: int) -> None:

@@ -66,8 +66,9 @@ class Result:
         )
 
 
-def run_case(case: Case, seed: int = 0) -> Result:
-    """Trains the case for its steps with a default GradientMonitor; its alerts and time."""
+def run_case(case: Case, seed: int = 0, monitor_kwargs: dict | None = None) -> Result:
+    """Trains the case for its steps with a default GradientMonitor (or one with
+    ``monitor_kwargs``); its alerts and time."""
     module, (x, y), batch_size = case.build()
     gpu = case.fp16 and torch.cuda.is_available()
     # fp16 with a GradScaler: on CUDA, or else CPU autocast with a CPU scaler.
@@ -78,7 +79,7 @@ def run_case(case: Case, seed: int = 0) -> Result:
     quiet = contextlib.redirect_stdout(io.StringIO())
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), quiet:
         warnings.simplefilter("ignore")  # alerts are read from the monitor, not the console
-        monitor = GradientMonitor(histogram_every_n_steps=0)
+        monitor = GradientMonitor(**{"histogram_every_n_steps": 0, **(monitor_kwargs or {})})
         trainer = pl.Trainer(
             accelerator="gpu" if gpu else "cpu",
             devices=1,

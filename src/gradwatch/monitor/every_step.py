@@ -1,0 +1,198 @@
+"""Every step's gradient norms, kept on the gradients' device between two logging steps.
+
+With ``every_step=True`` each optimizer step adds one :class:`StepRecord`: the norms of its
+gradients (one foreach kernel per norm type, stacked: no host sync), and after the step the loss
+and, when Lightning clips, the clipped total. The records travel to the host with the logging
+step's one transfer (under FSDP2, in its one all-reduce), and every step gets its own event with
+the tags a logging step writes for gradient norms (``grad_norm/...``, ``grad_norm_<p>/...``,
+``grad_norm/total_clipped``, ``grad_norm_log10/...``), computed by the same code
+(:func:`gradwatch.monitor.scalars.step_scalars`) from the same norms. What needs more than a norm
+of the gradient stays at the logging cadence: weight norms and update ratios (a copy of the
+weights before every step), NaN/Inf counts, activation statistics and histograms.
+"""
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from gradwatch.monitor import sharded
+from gradwatch.monitor.names import stored_values
+from gradwatch.monitor.sharded import Across
+from gradwatch.monitor.stats import HostValues, concat, foreach_norms, grouped, total_norm
+
+
+@dataclass
+class StepRecord:
+    """One optimizer's gradients at one step, on the device."""
+
+    step: int
+    wall_time: float  # when it was taken: TensorBoard's time axis
+    optimizer_index: int
+    grad_names: list[str]
+    norms: list[Tensor]  # per norm type (the buffer's order), one 0-d norm per gradient
+    scale: Tensor | None  # the GradScaler's scale where the gradients are still scaled
+    grads: list[Tensor] = field(default_factory=list)  # until the clipped total is taken
+    clipped: Tensor | None = None  # the total after Lightning's clipping
+    loss: Tensor | None = None  # the step's loss, on the last record of the step
+
+
+@dataclass
+class StepValues:
+    """One step's values on the host: what :func:`step_scalars` takes, and what spikes read."""
+
+    step: int
+    wall_time: float
+    measured: list[tuple[int, HostValues]]
+    clipped_total: float | None
+    loss: float | None
+
+
+class StepBuffer:
+    """The records since the last transfer."""
+
+    def __init__(self, norm_types: list[float]) -> None:
+        self.norm_types = norm_types
+        self.records: list[StepRecord] = []
+        # Per optimizer and set of parameters with a gradient (None: all of them), worked out
+        # once: the names in foreach order, the order itself (grouped by device and dtype), and
+        # whether the gradients are plain: dense, not empty, of one device and dtype, in the
+        # parameters' order (one foreach kernel per norm type, nothing to reorder or take).
+        self._layouts: dict[tuple, tuple[list[str], list[int], bool]] = {}
+
+    def record(
+        self,
+        step: int,
+        optimizer_index: int,
+        params: list[Tensor],
+        names: Callable[[], list[str]],
+        scale: Tensor | None,
+    ) -> StepRecord | None:
+        """The norms of ``params``' gradients at ``step`` (``names()``: the parameters' names,
+        asked for only when the set with a gradient changes); ``None`` when none has one."""
+        grads = [p.grad for p in params]
+        present = None  # the common case: every parameter has a gradient
+        if any(g is None for g in grads):
+            present = tuple(i for i, g in enumerate(grads) if g is not None)
+            if not present:
+                return None
+        key = (optimizer_index, present)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = _layout(grads, present, names())
+        grad_names, order, plain = layout
+        if plain:
+            grads = [grads[i] for i in order] if present else grads
+            norms = [n for ord_ in self.norm_types for n in torch._foreach_norm(grads, ord_)]
+        else:
+            grads = [stored_values(grads[i]) for i in order]
+            norms = [n for ord_ in self.norm_types for n in foreach_norms(grads, ord_)]
+        rec = StepRecord(
+            step=step,
+            wall_time=time.time(),
+            optimizer_index=optimizer_index,
+            grad_names=grad_names,
+            norms=norms,
+            # Copied: `scaler.update()` changes the scale in place after the step.
+            scale=None if scale is None else scale.detach().clone().reshape(1),
+            grads=grads,
+        )
+        self.records.append(rec)
+        return rec
+
+    def after_step(self, step: int, loss: Tensor | None, clipped: bool) -> None:
+        """After the optimizer step of ``step``: its loss, and (Lightning clips after the
+        measuring hook, in place) the total of the clipped gradients."""
+        mine = []
+        for r in reversed(self.records):
+            if r.step != step:
+                break
+            mine.append(r)
+        if not mine:
+            return
+        if clipped:
+            mine[0].clipped = total_norm([g for r in mine for g in r.grads])
+        for r in mine:
+            r.grads = []
+        if loss is not None and loss.numel() == 1:
+            mine[0].loss = loss.detach()
+
+    def parts(self, is_sharded: bool) -> list[tuple[Tensor, Across]]:
+        """The records' tensors for the transfer, a few tensors for all of them, each with how
+        it combines over the ranks (FSDP2: each rank holds norms of its shards, the loss is the
+        mean over the ranks); :meth:`read` takes them back in this order."""
+        records = self.records
+        if not is_sharded:
+            parts = [(concat([n for r in records for n in r.norms]), sharded.SAME)]
+        else:  # one part per norm type of every record: a p-norm combines as a p-norm
+            parts = []
+            for r in records:
+                n = len(r.grad_names)
+                for i, ord_ in enumerate(self.norm_types):
+                    parts.append((concat(r.norms[i * n : (i + 1) * n]), sharded.norm(ord_)))
+        scales = [r.scale for r in records if r.scale is not None]
+        clipped = [r.clipped for r in records if r.clipped is not None]
+        losses = [r.loss for r in records if r.loss is not None]
+        if scales:
+            parts.append((torch.cat(scales), sharded.SAME))
+        if clipped:
+            parts.append((torch.cat(clipped), sharded.norm(2.0) if is_sharded else sharded.SAME))
+        if losses:
+            parts.append((torch.stack(losses), sharded.MEAN if is_sharded else sharded.SAME))
+        return parts
+
+    def read(self, host: Iterator[list[float]], is_sharded: bool) -> list[StepValues]:
+        """The records' values, one :class:`StepValues` per step in order; empties the buffer."""
+        records, self.records = self.records, []
+        if not is_sharded:
+            flat = next(host)
+            norms, start = [], 0
+            for r in records:
+                size = len(r.grad_names) * len(self.norm_types)
+                norms.append(flat[start : start + size])
+                start += size
+        else:
+            norms = [[v for _ in self.norm_types for v in next(host)] for _ in records]
+        scales = iter(next(host) if any(r.scale is not None for r in records) else [])
+        clipped = iter(next(host) if any(r.clipped is not None for r in records) else [])
+        losses = iter(next(host) if any(r.loss is not None for r in records) else [])
+        steps: list[StepValues] = []
+        for r, values in zip(records, norms, strict=True):
+            scale = next(scales) if r.scale is not None else 1.0
+            n = len(r.grad_names)
+            host_values = HostValues(
+                grad_norms={
+                    ord_: {
+                        name: v / scale
+                        for name, v in zip(r.grad_names, values[i * n : (i + 1) * n], strict=True)
+                    }
+                    for i, ord_ in enumerate(self.norm_types)
+                },
+                nonfinite={},
+                weight_norms={},
+                update_norms={},
+                scale=scale,
+            )
+            if not steps or steps[-1].step != r.step:
+                steps.append(StepValues(r.step, r.wall_time, [], None, None))
+            last = steps[-1]
+            last.measured.append((r.optimizer_index, host_values))
+            if r.clipped is not None:
+                last.clipped_total = next(clipped) / scale
+            if r.loss is not None:
+                last.loss = next(losses)
+        return steps
+
+
+def _layout(
+    grads: list[Tensor | None], present: tuple[int, ...] | None, names: list[str]
+) -> tuple[list[str], list[int], bool]:
+    indices = list(present if present is not None else range(len(grads)))
+    taken = [grads[i] for i in indices]
+    order, _ = grouped(indices, [stored_values(g) for g in taken])
+    plain = len({(g.device, g.dtype) for g in taken}) == 1 and all(
+        g.layout == torch.strided and not sharded.is_sharded(g) and g.numel() for g in taken
+    )
+    return [names[i] for i in order], order, plain
