@@ -5,7 +5,7 @@ delegated: statistics on the device (``stats``), histograms (``histograms``), ta
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,11 +22,17 @@ from gradwatch.monitor import arguments, first_screen, histograms, sharded, spik
 from gradwatch.monitor.activations import STATS, ActivationProbe
 from gradwatch.monitor.alerts import Alert, GradientAlert
 from gradwatch.monitor.arguments import check_bool, check_choice, check_int, check_number
-from gradwatch.monitor.every_step import StepBuffer, StepRecord, StepValues
+from gradwatch.monitor.every_step import (
+    StepBuffer,
+    StepRecord,
+    StepValues,
+    step_events,
+    total_norm_of,
+)
 from gradwatch.monitor.fresh import FreshGradients
 from gradwatch.monitor.health import Health, Observation, Thresholds, format_table
 from gradwatch.monitor.names import Tags, optimizer_params, parameter_names, stored_values
-from gradwatch.monitor.scalars import step_scalars
+from gradwatch.monitor.scalars import StepScalars, step_scalars
 from gradwatch.monitor.stats import Measurement
 
 # Strategies that shard parameters in ways the monitor cannot combine (flat parameters, ZeRO
@@ -626,7 +632,8 @@ class GradientMonitor(Callback):
                 trainer.should_stop = True
         else:
             alerts = []
-        found, spike_alerts = self._check_spikes(steps)
+        step_scalars_, events = self._step_events(trainer, steps)
+        found, spike_alerts = self._check_spikes(steps, step_scalars_)
         alerts += spike_alerts
         hists = []
         if jobs_tensors and self._tb is not None and (self._sharded or trainer.is_global_zero):
@@ -645,7 +652,9 @@ class GradientMonitor(Callback):
             # write nothing.
             return
         self._raise_alerts(alerts)
-        self._write_steps(trainer, [sv for sv in steps if sv.step != self._step], found)
+        # Every step's events but this one's, which is written in full below.
+        events = [e for e in self._with_spikes(events, found) if e[0] != self._step]
+        writers.write_scalar_steps(trainer.loggers, events)
         if self._write_scalars:
             for layer, values in activation_stats.items():
                 for stat in STATS[1:]:
@@ -667,25 +676,30 @@ class GradientMonitor(Callback):
         else:
             host = stats.to_host([t for t, _ in parts])
         steps = self._buffer.read(host, self._sharded)
-        found, alerts = self._check_spikes(steps)
+        step_scalars_, events = self._step_events(trainer, steps)
+        found, alerts = self._check_spikes(steps, step_scalars_)
         if not trainer.is_global_zero:
             return
         self._raise_alerts(alerts)
-        self._write_steps(trainer, steps, found)
+        writers.write_scalar_steps(trainer.loggers, list(self._with_spikes(events, found)))
+
+    def _step_events(
+        self, trainer: "pl.Trainer", steps: list[StepValues]
+    ) -> tuple[list[StepScalars], list]:
+        """every_step: each step's scalars and event (:func:`every_step.step_events`)."""
+        return step_events(steps, self._tags, self.norm_types, len(trainer.optimizers))
 
     def _check_spikes(
-        self, steps: list[StepValues]
+        self, steps: list[StepValues], scalars: list[StepScalars]
     ) -> tuple[dict[int, dict[str, float]], list[Alert]]:
         """The spikes among every_step's steps (z-scores by step and quantity) and their alerts,
         recorded with the others (``gradients.json``)."""
         if not steps or self.on_spike == "off":
             return {}, []
-        totals = [
-            stats.combine([v for _, hv in sv.measured for v in hv.grad_norms[2.0].values()], 2.0)
-            for sv in steps
-        ]
         found, alerts = self._spikes.observe(
-            [sv.step for sv in steps], totals, [sv.loss for sv in steps]
+            [sv.step for sv in steps],
+            [total_norm_of(sc) for sc in scalars],
+            [sv.loss for sv in steps],
         )
         for alert in alerts:
             self.health.add(alert)
@@ -699,28 +713,12 @@ class GradientMonitor(Callback):
             out["spike/skipped_steps"] = float(self._spikes.skipped_total)
         return out
 
-    def _write_steps(
-        self, trainer: "pl.Trainer", steps: list[StepValues], found: dict[int, dict[str, float]]
-    ) -> None:
-        """every_step: one event per step, with the tags a logging step gives gradient norms."""
-        if not trainer.is_global_zero or not steps:
-            return
-        every = len(trainer.optimizers)
-        events = []
-        for sv in steps:
-            scalars = step_scalars(
-                sv.measured,
-                self._tags,
-                self.norm_types,
-                every <= 1 or len({i for i, _ in sv.measured}) == every,
-                sv.clipped_total,
-                weight_norms=False,
-                update_ratios=False,
-            )
-            scalars.metrics.update(self._spike_scalars(sv.step, found))
-            log10 = first_screen.log10_scalars(scalars.layer_norms, {})
-            events.append((sv.step, sv.wall_time, scalars.metrics, log10))
-        writers.write_scalar_steps(trainer.loggers, events)
+    def _with_spikes(self, events: list, found: dict[int, dict[str, float]]) -> Iterator:
+        """The events, the spike tags added to those of spike steps."""
+        for step, wall, metrics, log10 in events:
+            if step in found:
+                metrics = {**metrics, **self._spike_scalars(step, found)}
+            yield step, wall, metrics, log10
 
     def _raise_alerts(self, alerts: list[Alert]) -> None:
         for alert in alerts:

@@ -18,13 +18,21 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from gradwatch.monitor import sharded
-from gradwatch.monitor.names import stored_values
+from gradwatch.monitor import first_screen, sharded
+from gradwatch.monitor.names import Tags, stored_values
+from gradwatch.monitor.scalars import StepScalars, step_scalars
 from gradwatch.monitor.sharded import Across
-from gradwatch.monitor.stats import HostValues, concat, foreach_norms, grouped, total_norm
+from gradwatch.monitor.stats import (
+    HostValues,
+    combine,
+    concat,
+    foreach_norms,
+    grouped,
+    total_norm,
+)
 
 
-@dataclass
+@dataclass(slots=True)
 class StepRecord:
     """One optimizer's gradients at one step, on the device."""
 
@@ -39,7 +47,7 @@ class StepRecord:
     loss: Tensor | None = None  # the step's loss, on the last record of the step
 
 
-@dataclass
+@dataclass(slots=True)
 class StepValues:
     """One step's values on the host: what :func:`step_scalars` takes, and what spikes read."""
 
@@ -196,3 +204,37 @@ def _layout(
         g.layout == torch.strided and not sharded.is_sharded(g) and g.numel() for g in taken
     )
     return [names[i] for i in order], order, plain
+
+
+def step_events(
+    steps: list[StepValues],
+    tags: Tags,
+    norm_types: list[float],
+    num_optimizers: int,
+) -> tuple[list[StepScalars], list[tuple[int, float, dict[str, float], dict[str, float]]]]:
+    """Each step's scalars (:func:`step_scalars`, as a logging step makes them from the same
+    norms) and its event for :func:`gradwatch.monitor.writers.write_scalar_steps`: the metrics
+    and the first screen's log10 copies."""
+    out, events = [], []
+    for sv in steps:
+        every_stepped = num_optimizers <= 1 or len({i for i, _ in sv.measured}) == num_optimizers
+        scalars = step_scalars(
+            sv.measured,
+            tags,
+            norm_types,
+            every_stepped,
+            sv.clipped_total,
+            weight_norms=False,
+            update_ratios=False,
+        )
+        log10 = first_screen.log10_scalars(scalars.layer_norms, {})
+        out.append(scalars)
+        events.append((sv.step, sv.wall_time, scalars.metrics, log10))
+    return out, events
+
+
+def total_norm_of(scalars: StepScalars) -> float:
+    """The step's total L2 norm: ``grad_norm/total``, or where optimizers stepped apart, the
+    norm of their totals."""
+    totals = scalars.totals
+    return totals["total"] if "total" in totals else combine(list(totals.values()), 2.0)

@@ -123,11 +123,11 @@ class SpikeWatch:
         ``skip``, the gradient norm's spikes are the steps :meth:`should_skip` skipped."""
         if not steps:
             return {}, []
-        nan = math.nan
-        values = prepared(
-            torch.tensor(grad_norms, dtype=torch.float64),
-            torch.tensor([nan if v is None else v for v in losses], dtype=torch.float64),
-        )
+        rows = [[_log(v) for v in grad_norms], [_log(v) for v in losses]]
+        values = torch.tensor(rows, dtype=torch.float64)
+        if not (self.skip or self._any_sudden(rows)):  # a healthy interval: no tensor work
+            self.before = kept(self.before, values, self.rule)
+            return {}, []
         flags, z, median = check(self.before, values, self.rule)
         self.before = kept(self.before, values, self.rule)
         if self.skip:
@@ -146,6 +146,18 @@ class SpikeWatch:
                 typical = math.exp(float(median[row, col]))
                 alerts.append(self._alert(step, quantity, raw, typical, score))
         return found, alerts
+
+    def _any_sudden(self, rows: list[list[float]]) -> bool:
+        """Whether any value is sudden (:func:`check`'s first condition), in plain Python: fifty
+        steps' comparisons cost less than the tensors that would make them."""
+        rise = 0.5 * math.log(self.rule.factor)
+        for row, last in zip(rows, self.before[:, -1:].tolist(), strict=True):
+            previous = last[0] if last else math.nan
+            for value in row:
+                if value == value and (previous != previous or value - previous > rise):
+                    return True
+                previous = value
+        return False
 
     def _alert(self, step: int, quantity: str, value: float, typical: float, z: float) -> Alert:
         what = "total gradient norm" if quantity == "grad_norm" else "loss"
@@ -181,6 +193,13 @@ class SpikeWatch:
         self.before = torch.tensor(state["before"], dtype=torch.float64).reshape(2, -1)
         self.skipped_total = int(state["skipped_total"])
         self._last_flagged = dict(state["last_flagged"])
+
+
+def _log(value: float | None) -> float:
+    """:func:`prepared`'s value on the host: the log, NaN where there is none."""
+    if value is None or not 0 < value < math.inf:
+        return math.nan
+    return math.log(value)
 
 
 def _median(windows: Tensor) -> Tensor:
