@@ -3,10 +3,13 @@
 skipped on request, and never flagged on the zoo's healthy runs."""
 
 import math
+import signal
 import warnings
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from test_monitor import (
     Module,
@@ -20,6 +23,8 @@ from test_monitor import (
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from gradwatch.data import InMemoryDataModule
+from gradwatch.model import MLPModule
 from gradwatch.monitor import GradientAlert, GradientMonitor
 from gradwatch.monitor.spikes import SpikeRule, check, prepared
 from gradwatch.zoo.cases import CASES
@@ -310,3 +315,55 @@ def test_a_resumed_run_keeps_the_spike_window(tmp_path):
     restored = GradientMonitor(every_step=True)
     restored.load_state_dict(state)
     assert torch.equal(restored._spikes.before, monitor._spikes.before)
+
+
+def test_a_run_stopped_between_logging_steps_and_resumed_has_every_step_once(tmp_path):
+    """Ctrl-C during step 12 (the cadence is 5): the checkpoint saved at the stop writes the
+    steps since the last logging step with it, and the run resumed from it continues the same
+    curves: every step's gradient norm exactly once, equal to an uninterrupted run's."""
+    from gradwatch.checkpoints import RunCheckpoint
+
+    def trainer_for(root, extra=()):
+        checkpoint = RunCheckpoint(root / "checkpoints", every_n_train_steps=1000)
+        return checkpoint, pl.Trainer(
+            max_epochs=30,
+            log_every_n_steps=5,
+            callbacks=[GradientMonitor(every_step=True), checkpoint, *extra],
+            logger=TensorBoardLogger(root, name="", version=""),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            default_root_dir=root,
+        )
+
+    class CtrlCAtStep12(pl.Callback):
+        def __init__(self, checkpoint):
+            self.checkpoint = checkpoint
+
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == 12:
+                self.checkpoint.stop_signal = signal.SIGINT
+
+    checkpoint, trainer = trainer_for(tmp_path / "stopped")
+    trainer.callbacks.append(CtrlCAtStep12(checkpoint))
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        torch.manual_seed(0)
+        with pytest.raises(SystemExit):
+            trainer.fit(MLPModule(), datamodule=InMemoryDataModule("xor"))
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    stopped = scalars(read_events(tmp_path / "stopped"))["grad_norm/total"]
+    assert sorted(stopped) == list(range(13))
+    _, resumed = trainer_for(tmp_path / "stopped")
+    resumed.fit(MLPModule(), datamodule=InMemoryDataModule("xor"), ckpt_path=checkpoint.last_path)
+    torch.manual_seed(0)
+    _, whole = trainer_for(tmp_path / "whole")
+    whole.fit(MLPModule(), datamodule=InMemoryDataModule("xor"))
+    events = read_events(tmp_path / "stopped")
+    steps = [e.step for e in events.Scalars("grad_norm/total")]
+    assert steps == list(range(30))
+    assert (
+        scalars(events)["grad_norm/total"]
+        == scalars(read_events(tmp_path / "whole"))["grad_norm/total"]
+    )
