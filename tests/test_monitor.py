@@ -961,20 +961,26 @@ def test_fp16_fused_adam_logs_unscaled_norms(tmp_path, init_scale):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_no_host_sync_on_other_steps_on_gpu(tmp_path):
-    monitor = GradientMonitor(log_every_n_steps=5)
-    hook = monitor.on_before_optimizer_step
+@pytest.mark.parametrize("every_step", [False, True])
+def test_no_host_sync_on_other_steps_on_gpu(tmp_path, every_step):
+    """Between logging steps the monitor never waits for the GPU: with every_step, each step's
+    norms are taken and kept on the device (and its loss after the step)."""
+    monitor = GradientMonitor(log_every_n_steps=5, every_step=every_step)
 
-    def strict(trainer, pl_module, optimizer):
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        if (step + 1) % 5:
-            torch.cuda.set_sync_debug_mode("error")
-        try:
-            hook(trainer, pl_module, optimizer)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    def strict(hook):
+        def checked(trainer, *args):
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped
+            if (step + 1) % 5:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                hook(trainer, *args)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
 
-    monitor.on_before_optimizer_step = strict
+        return checked
+
+    monitor.on_before_optimizer_step = strict(monitor.on_before_optimizer_step)
+    monitor.on_train_batch_end = strict(monitor.on_train_batch_end)
     trainer = pl.Trainer(
         accelerator="gpu",
         devices=1,
@@ -987,4 +993,5 @@ def test_no_host_sync_on_other_steps_on_gpu(tmp_path):
         enable_model_summary=False,
     )
     trainer.fit(Module(), xor_loader())
-    assert sorted(scalars(read_events(trainer.logger.log_dir))["grad_norm/total"]) == [4, 9]
+    written = sorted(scalars(read_events(trainer.logger.log_dir))["grad_norm/total"])
+    assert written == (list(range(12)) if every_step else [4, 9])

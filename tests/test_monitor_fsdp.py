@@ -260,6 +260,34 @@ def test_fsdp_logging_step_is_one_all_reduce(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp_every_step_is_the_single_process_every_step_in_the_same_all_reduce(tmp_path):
+    """every_step under FSDP2: each rank keeps its shards' norms of every step, and they join
+    the logging step's one all-reduce; every step's whole-model norms are the single-process
+    run's (at log_every_n_steps=1), and no step between logging steps has a collective."""
+    fit(str(tmp_path / "single"), GradientMonitor(norm_types=(2, 1, "inf")))
+    run_fsdp(
+        tmp_path / "fsdp",
+        every_step=True,
+        log_every_n_steps=2,
+        histogram_every_n_steps=0,
+        norm_types=(2, 1, "inf"),
+    )
+    single, fsdp = events(tmp_path / "single"), events(tmp_path / "fsdp")
+    tags = [t for t in single.Tags()["scalars"] if t.startswith("grad_norm")]
+    assert {"grad_norm/total", "grad_norm_inf/fc2.weight", "grad_norm_log10/fc1"} <= set(tags)
+    for tag in tags:
+        a, b = single.Scalars(tag), fsdp.Scalars(tag)
+        assert [e.step for e in b] == [e.step for e in a] == list(range(STEPS)), tag
+        for ea, eb in zip(a, b, strict=True):
+            assert math.isclose(ea.value, eb.value, rel_tol=1e-6, abs_tol=1e-7), (tag, ea.step)
+    # weight norms stay at the monitor's cadence of 2.
+    assert [e.step for e in fsdp.Scalars("weight_norm/fc1.weight")] == [1, 3]
+    # The inf norms need a MAX beside the SUM: two collectives per logging step, none between.
+    for record in ranks(tmp_path / "fsdp"):
+        assert record["counts"] == {"0": 0, "1": 2, "2": 0, "3": 2}
+
+
+@pytest.mark.slow
 def test_fsdp_counts_a_nonfinite_value_of_one_shard_and_stops_every_rank(tmp_path):
     """A NaN in rank 1's shard of fc1.weight at step 2, between logging steps: every rank counts
     it, raises the single-process run's alert (first seen at step 2, the earliest over the
