@@ -295,10 +295,14 @@ def test_on_spike_skip_does_not_step_on_the_spike(tmp_path):
     assert grad.step == SPIKE_AT and grad.evidence["skipped"] and "skipped" in str(grad)
 
 
-HEALTHY = [c for c in CASES if c.expected is None and c.fast]
+HEALTHY = [
+    pytest.param(c, id=c.name, marks=() if c.fast else pytest.mark.slow)
+    for c in CASES
+    if c.expected is None
+]
 
 
-@pytest.mark.parametrize("case", HEALTHY, ids=[c.name for c in HEALTHY])
+@pytest.mark.parametrize("case", HEALTHY)
 def test_no_spike_on_the_healthy_runs_of_the_zoo(case):
     result = run_case(case, monitor_kwargs={"every_step": True})
     assert not result.error
