@@ -27,12 +27,11 @@ from gradwatch.monitor.every_step import (
     StepRecord,
     StepValues,
     step_events,
-    total_norm_of,
 )
 from gradwatch.monitor.fresh import FreshGradients
 from gradwatch.monitor.health import Health, Observation, Thresholds, format_table
 from gradwatch.monitor.names import Tags, optimizer_params, parameter_names, stored_values
-from gradwatch.monitor.scalars import StepScalars, step_scalars
+from gradwatch.monitor.scalars import step_scalars
 from gradwatch.monitor.stats import Measurement
 
 # Strategies that shard parameters in ways the monitor cannot combine (flat parameters, ZeRO
@@ -632,8 +631,8 @@ class GradientMonitor(Callback):
                 trainer.should_stop = True
         else:
             alerts = []
-        step_scalars_, events = self._step_events(trainer, steps)
-        found, spike_alerts = self._check_spikes(steps, step_scalars_)
+        totals, events = self._step_events(trainer, steps)
+        found, spike_alerts = self._check_spikes(steps, totals)
         alerts += spike_alerts
         hists = []
         if jobs_tensors and self._tb is not None and (self._sharded or trainer.is_global_zero):
@@ -676,8 +675,8 @@ class GradientMonitor(Callback):
         else:
             host = stats.to_host([t for t, _ in parts])
         steps = self._buffer.read(host, self._sharded)
-        step_scalars_, events = self._step_events(trainer, steps)
-        found, alerts = self._check_spikes(steps, step_scalars_)
+        totals, events = self._step_events(trainer, steps)
+        found, alerts = self._check_spikes(steps, totals)
         if not trainer.is_global_zero:
             return
         self._raise_alerts(alerts)
@@ -685,21 +684,19 @@ class GradientMonitor(Callback):
 
     def _step_events(
         self, trainer: "pl.Trainer", steps: list[StepValues]
-    ) -> tuple[list[StepScalars], list]:
+    ) -> tuple[list[float], list]:
         """every_step: each step's scalars and event (:func:`every_step.step_events`)."""
         return step_events(steps, self._tags, self.norm_types, len(trainer.optimizers))
 
     def _check_spikes(
-        self, steps: list[StepValues], scalars: list[StepScalars]
+        self, steps: list[StepValues], totals: list[float]
     ) -> tuple[dict[int, dict[str, float]], list[Alert]]:
         """The spikes among every_step's steps (z-scores by step and quantity) and their alerts,
         recorded with the others (``gradients.json``)."""
         if not steps or self.on_spike == "off":
             return {}, []
         found, alerts = self._spikes.observe(
-            [sv.step for sv in steps],
-            [total_norm_of(sc) for sc in scalars],
-            [sv.loss for sv in steps],
+            [sv.step for sv in steps], totals, [sv.loss for sv in steps]
         )
         for alert in alerts:
             self.health.add(alert)

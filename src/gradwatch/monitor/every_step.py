@@ -11,6 +11,7 @@ of the gradient stays at the logging cadence: weight norms and update ratios (a 
 weights before every step), NaN/Inf counts, activation statistics and histograms.
 """
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,8 +20,8 @@ import torch
 from torch import Tensor
 
 from gradwatch.monitor import first_screen, sharded
-from gradwatch.monitor.names import Tags, stored_values
-from gradwatch.monitor.scalars import StepScalars, step_scalars
+from gradwatch.monitor.names import TOTAL, TOTAL_CLIPPED, Tags, stored_values
+from gradwatch.monitor.scalars import family, step_scalars
 from gradwatch.monitor.sharded import Across
 from gradwatch.monitor.stats import (
     HostValues,
@@ -49,11 +50,13 @@ class StepRecord:
 
 @dataclass(slots=True)
 class StepValues:
-    """One step's values on the host: what :func:`step_scalars` takes, and what spikes read."""
+    """One step's values on the host: per optimizer that stepped, its parameters' names and
+    their norms (per norm type, one per name, divided by the AMP scale), the clipped total and
+    the loss."""
 
     step: int
     wall_time: float
-    measured: list[tuple[int, HostValues]]
+    norms: list[tuple[int, list[str], list[float]]]  # (optimizer index, names, norms)
     clipped_total: float | None
     loss: float | None
 
@@ -169,24 +172,12 @@ class StepBuffer:
         steps: list[StepValues] = []
         for r, values in zip(records, norms, strict=True):
             scale = next(scales) if r.scale is not None else 1.0
-            n = len(r.grad_names)
-            host_values = HostValues(
-                grad_norms={
-                    ord_: {
-                        name: v / scale
-                        for name, v in zip(r.grad_names, values[i * n : (i + 1) * n], strict=True)
-                    }
-                    for i, ord_ in enumerate(self.norm_types)
-                },
-                nonfinite={},
-                weight_norms={},
-                update_norms={},
-                scale=scale,
-            )
+            if scale != 1.0:
+                values = [v / scale for v in values]
             if not steps or steps[-1].step != r.step:
                 steps.append(StepValues(r.step, r.wall_time, [], None, None))
             last = steps[-1]
-            last.measured.append((r.optimizer_index, host_values))
+            last.norms.append((r.optimizer_index, r.grad_names, values))
             if r.clipped is not None:
                 last.clipped_total = next(clipped) / scale
             if r.loss is not None:
@@ -207,34 +198,93 @@ def _layout(
 
 
 def step_events(
-    steps: list[StepValues],
-    tags: Tags,
-    norm_types: list[float],
-    num_optimizers: int,
-) -> tuple[list[StepScalars], list[tuple[int, float, dict[str, float], dict[str, float]]]]:
-    """Each step's scalars (:func:`step_scalars`, as a logging step makes them from the same
-    norms) and its event for :func:`gradwatch.monitor.writers.write_scalar_steps`: the metrics
-    and the first screen's log10 copies."""
-    out, events = [], []
+    steps: list[StepValues], tags: Tags, norm_types: list[float], num_optimizers: int
+) -> tuple[list[float], list[tuple[int, float, dict[str, float], dict[str, float]]]]:
+    """Each step's total L2 norm (what spikes read) and its event for
+    :func:`gradwatch.monitor.writers.write_scalar_steps`: the metrics a logging step would write
+    for these norms (:func:`step_scalars`'s) and the first screen's log10 copies."""
+    totals, events = [], []
+    plans: dict[int, _Plan] = {}
     for sv in steps:
-        every_stepped = num_optimizers <= 1 or len({i for i, _ in sv.measured}) == num_optimizers
-        scalars = step_scalars(
-            sv.measured,
-            tags,
-            norm_types,
-            every_stepped,
-            sv.clipped_total,
-            weight_norms=False,
-            update_ratios=False,
-        )
-        log10 = first_screen.log10_scalars(scalars.layer_norms, {})
-        out.append(scalars)
-        events.append((sv.step, sv.wall_time, scalars.metrics, log10))
-    return out, events
+        if len(sv.norms) == 1 and num_optimizers <= 1:
+            _, names, values = sv.norms[0]
+            plan = plans.get(id(names))
+            if plan is None:
+                plan = plans[id(names)] = _Plan(names, tags, norm_types)
+            metrics, log10, total = plan.scalars(values, sv.clipped_total)
+        else:
+            metrics, log10, total = _general_scalars(sv, tags, norm_types, num_optimizers)
+        totals.append(total)
+        events.append((sv.step, sv.wall_time, metrics, log10))
+    return totals, events
 
 
-def total_norm_of(scalars: StepScalars) -> float:
-    """The step's total L2 norm: ``grad_norm/total``, or where optimizers stepped apart, the
-    norm of their totals."""
+def _general_scalars(
+    sv: StepValues, tags: Tags, norm_types: list[float], num_optimizers: int
+) -> tuple[dict[str, float], dict[str, float], float]:
+    """Several optimizers: :func:`step_scalars` itself, totals per optimizer and all."""
+    measured = []
+    for index, names, values in sv.norms:
+        n = len(names)
+        norms = {
+            ord_: dict(zip(names, values[i * n : (i + 1) * n], strict=True))
+            for i, ord_ in enumerate(norm_types)
+        }
+        measured.append((index, HostValues(norms, {}, {}, {})))
+    every_stepped = num_optimizers <= 1 or len(measured) == num_optimizers
+    scalars = step_scalars(
+        measured,
+        tags,
+        norm_types,
+        every_stepped,
+        sv.clipped_total,
+        weight_norms=False,
+        update_ratios=False,
+    )
     totals = scalars.totals
-    return totals["total"] if "total" in totals else combine(list(totals.values()), 2.0)
+    total = totals["total"] if "total" in totals else combine(list(totals.values()), 2.0)
+    return scalars.metrics, first_screen.log10_scalars(scalars.layer_norms, {}), total
+
+
+class _Plan:
+    """One optimizer's parameters (in foreach order) as :func:`step_scalars` writes them, worked
+    out once: the tag of each value, the members of each layer, the total. :meth:`scalars` then
+    does step_scalars's arithmetic (a layer's norm from its parameters' in their order, the total
+    from the layers' in theirs, ``combine``) without its dictionaries: every step of every_step
+    goes through it."""
+
+    def __init__(self, names: list[str], tags: Tags, norm_types: list[float]) -> None:
+        layers: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            layers.setdefault(tags.layer_of_param(name), []).append(i)
+        self.layers = list(layers.items())
+        self.norm_types = [(ord_, family(ord_)) for ord_ in norm_types]
+        self.n = len(names)
+        self.param_tags = {
+            fam: [f"{fam}/{tags.param(name)}" for name in names] for _, fam in self.norm_types
+        }
+        self.layer_tags = {
+            fam: [f"{fam}/{lay}" for lay, _ in self.layers] for _, fam in self.norm_types
+        }
+        self.log10_tags = [f"{first_screen.GRAD_NORM_LOG10}/{lay}" for lay, _ in self.layers]
+
+    def scalars(
+        self, values: list[float], clipped_total: float | None
+    ) -> tuple[dict[str, float], dict[str, float], float]:
+        metrics: dict[str, float] = {}
+        log10: dict[str, float] = {}
+        total = math.nan
+        for i, (ord_, fam) in enumerate(self.norm_types):
+            vs = values[i * self.n : (i + 1) * self.n]
+            metrics.update(zip(self.param_tags[fam], vs, strict=True))
+            layer_norms = [combine([vs[j] for j in members], ord_) for _, members in self.layers]
+            metrics.update(zip(self.layer_tags[fam], layer_norms, strict=True))
+            metrics[f"{fam}/{TOTAL}"] = combined = combine(layer_norms, ord_)
+            if ord_ == 2.0:
+                total = combined
+                for tag, v in zip(self.log10_tags, layer_norms, strict=True):
+                    if v > 0 and math.isfinite(v):
+                        log10[tag] = math.log10(v)
+        if clipped_total is not None:
+            metrics[f"grad_norm/{TOTAL_CLIPPED}"] = clipped_total
+        return metrics, log10, total

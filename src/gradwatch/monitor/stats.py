@@ -176,7 +176,9 @@ def combine(norms: list[float], ord_: float) -> float:
         return 0.0
     if math.isinf(ord_):
         return max(norms)
-    return math.fsum(v**ord_ for v in norms) ** (1.0 / ord_)  # NaN in, NaN out
+    if ord_ == 2.0:  # every layer of every step under every_step: the fast spelling
+        return math.sqrt(math.fsum([v * v for v in norms]))  # NaN in, NaN out
+    return math.fsum([v**ord_ for v in norms]) ** (1.0 / ord_)
 
 
 def count_nonfinite(tensor: Tensor) -> Tensor:
