@@ -47,11 +47,11 @@ def data(batch_size):
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
 
 
-def run(path, **kwargs):
+def run(path, monitor=None, **kwargs):
     trainer = pl.Trainer(
         accelerator="cpu",
         logger=TensorBoardLogger(path, name="tb", version=0),
-        callbacks=[GradientMonitor(histogram_every_n_steps=2)],
+        callbacks=[monitor or GradientMonitor(histogram_every_n_steps=2)],
         max_epochs=4,
         log_every_n_steps=1,
         enable_checkpointing=False,
@@ -82,3 +82,20 @@ def test_ddp_rank_zero_writes_the_single_process_values_once(tmp_path):
             assert math.isclose(va, vb, rel_tol=1e-5), (tag, va, vb)
     summary = json.loads((tmp_path / "ddp" / "gradients.json").read_text())
     assert summary["steps"] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_ddp_every_step_is_the_single_process_every_step(tmp_path):
+    """every_step under DDP: the all-reduced gradients' norms of every step, written by rank
+    zero once, equal to the single process's at log_every_n_steps=1."""
+    single = run(tmp_path / "single", devices=1)
+    monitor = GradientMonitor(every_step=True, log_every_n_steps=3, histogram_every_n_steps=0)
+    ddp = run(tmp_path / "ddp", monitor=monitor, devices=2, strategy="ddp_spawn")
+    tags = [t for t in single.Tags()["scalars"] if t.startswith("grad_norm")]
+    assert {"grad_norm/total", "grad_norm/fc1.weight", "grad_norm_log10/fc2"} <= set(tags)
+    for tag in tags:
+        a = [(e.step, e.value) for e in single.Scalars(tag)]
+        b = [(e.step, e.value) for e in ddp.Scalars(tag)]
+        assert [s for s, _ in b] == [0, 1, 2, 3], tag
+        for (_, va), (_, vb) in zip(a, b, strict=True):
+            assert math.isclose(va, vb, rel_tol=1e-5), (tag, va, vb)
