@@ -32,7 +32,14 @@ DEFAULT_RUN = (
 )
 # Rows written only when something is wrong, so absent from a healthy run; test_monitor.py checks
 # that a run with NaN gradients writes them.
-ONLY_WHEN_UNHEALTHY = ("grad_nonfinite/<layer>", "grad_nonfinite/total")
+# The spike tags likewise (test_every_step.py writes them from injected spikes).
+ONLY_WHEN_UNHEALTHY = (
+    "grad_nonfinite/<layer>",
+    "grad_nonfinite/total",
+    "spike/grad_norm",
+    "spike/loss",
+    "spike/skipped_steps",
+)
 # val/loss and val/acc exist only for a dataset with a held-out split: xor has none.
 VAL_RUN = ("data=moons", "model.loss=bce_with_logits", "trainer.max_epochs=50")
 
