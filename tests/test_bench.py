@@ -117,3 +117,27 @@ def test_in_run_ab_leaves_out_checkpoint_pairs_and_keeps_histogram_pairs():
     assert len(pairs) == 18
     assert not {18, 19, 38, 39} & {block for pair in pairs for block in pair[:2]}
     assert [w for w, _, hist in pairs if hist] == [9, 29]
+
+
+def test_the_activation_statistics_target_reads_their_own_in_run_ab():
+    """The mid block's activations_ab row: its in-run A/B against the 1% target, and the probe's
+    own clock beside it; a gpu row is shown for information, with no target."""
+    rows = [
+        {
+            "block": "mid",
+            "name": "activations_ab",
+            "interleaved_pct": 0.4,
+            "activation_probe_pct": 0.3,
+        },
+        {"block": "gpu", "name": "activations_ab", "interleaved_pct": 2.5},
+    ]
+    checks = {name: (ok, detail) for name, ok, detail in bench.targets(rows)}
+    ok, detail = checks["mid: the activation statistics at defaults (in-run A/B)"]
+    assert (
+        ok is True
+        and detail == "0.4% (target < 1%); the probe's own clock 0.30% of the blocks it ran in"
+    )
+    assert checks["gpu: the activation statistics at defaults (in-run A/B)"] == (None, "2.5%")
+    rows[0]["interleaved_pct"] = 1.2
+    checks = {name: (ok, detail) for name, ok, detail in bench.targets(rows)}
+    assert checks["mid: the activation statistics at defaults (in-run A/B)"][0] is False

@@ -147,6 +147,7 @@ def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, 
                     else row.get("error", "")
                 )
                 out.append(("gpu: no host sync on steps that write nothing", ok, detail))
+    out += activation_targets(by)
     if any(r["block"] == "depth" for r in rows):
 
         def over(d: int) -> float | None:
@@ -167,6 +168,30 @@ def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, 
                 out[-1][1],
                 out[-1][2] + f"; overheads {100 * lo:+.1f}% and {100 * hi:+.1f}%",
             )
+    return out
+
+
+def activation_targets(by: dict[tuple[str, str], dict[str, Any]]) -> list[tuple]:
+    """Issue 16: the activation statistics at the defaults cost < 1% of the mid MLP's loop, from
+    the in-run A/B that switches them alone (`activations_ab`); on a GPU, the same figure for
+    information."""
+    out: list[tuple[str, bool | None, str]] = []
+    for block, limit in (("mid", 1.0), ("gpu", None)):
+        row = by.get((block, "activations_ab"))
+        if row is None:
+            continue
+        name = f"{block}: the activation statistics at defaults (in-run A/B)"
+        value = row.get("interleaved_pct")
+        if value is None:
+            out.append((name, None, "not measured"))
+            continue
+        detail = f"{value:.3g}%"
+        if limit is not None:
+            detail += f" (target < {limit:g}%)"
+        probe = row.get("activation_probe_pct")
+        if probe is not None:
+            detail += f"; the probe's own clock {probe:.2f}% of the blocks it ran in"
+        out.append((name, None if limit is None else value < limit, detail))
     return out
 
 

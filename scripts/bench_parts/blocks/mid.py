@@ -74,6 +74,23 @@ def contenders(quick: bool, notes: list[str], block: str = "mid", device: str = 
         },
         "none",
     )
+    # The activation statistics alone: the monitor in every block, its activation statistics on
+    # and off by the same turns (see ActivationInterleaver).
+    specs.add(
+        "activations_ab",
+        "GradientMonitor defaults, activation statistics in and out by turns of 50 steps",
+        "monitored",
+        {
+            **ab,
+            "interleave": {
+                "switch": "activations",
+                "block": 50,
+                "hist_every": 500,
+                "epoch_steps": epoch_steps,
+            },
+        },
+        "none",
+    )
     try:
         import importlib.util
 

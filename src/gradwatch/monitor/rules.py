@@ -20,6 +20,7 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import takewhile
 from typing import Any
 
 from gradwatch.monitor.arguments import check_choice, check_int, check_number
@@ -539,13 +540,21 @@ def symmetric_units(h: History, t: Thresholds) -> Finding | None:
 def _activation_rule(
     h: History, t: Thresholds, stat: str, share: float, kind: str, message: str, fix: str
 ) -> Finding | None:
-    obs = h.last
+    # Not every logging step measures activations (see ``activations``): the rule reads those
+    # that did, and what the last of them showed holds until the next, so an episode goes on.
+    measured = [o for o in h.observations if o.activations]
+    if not measured:
+        return None
+    obs = measured[-1]
     layers = []
     for lay, stats in obs.activations.items():
         if stats.get("units", 0) < 2 and stat == "alike":
             continue
-        run = h.trailing(lambda o, lay=lay: o.activations.get(lay, {}).get(stat, 0.0) >= share)
-        if len(run) >= t.activation_patience:
+        run = takewhile(
+            lambda o, lay=lay: o.activations.get(lay, {}).get(stat, 0.0) >= share,
+            reversed(measured),
+        )
+        if len(list(run)) >= t.activation_patience:
             layers.append(lay)
     if not layers:
         return None
