@@ -542,19 +542,20 @@ def _activation_rule(
 ) -> Finding | None:
     # Not every logging step measures activations (see ``activations``): the rule reads those
     # that did, and what the last of them showed holds until the next, so an episode goes on.
-    measured = [o for o in h.observations if o.activations]
-    if not measured:
+    def measured():  # newest first
+        return (o for o in reversed(h.observations) if o.activations)
+
+    obs = next(measured(), None)
+    if obs is None:
         return None
-    obs = measured[-1]
     layers = []
     for lay, stats in obs.activations.items():
         if stats.get("units", 0) < 2 and stat == "alike":
             continue
         run = takewhile(
-            lambda o, lay=lay: o.activations.get(lay, {}).get(stat, 0.0) >= share,
-            reversed(measured),
+            lambda o, lay=lay: o.activations.get(lay, {}).get(stat, 0.0) >= share, measured()
         )
-        if len(list(run)) >= t.activation_patience:
+        if sum(1 for _ in run) >= t.activation_patience:
             layers.append(lay)
     if not layers:
         return None
