@@ -87,9 +87,9 @@ def summarize(specs: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]]
         ab = [r["interleaved_pct"] for r in good if "interleaved_pct" in r]
         if ab:  # the monitor's overhead from blocks with and without it in the same run
             row["interleaved_pct"] = statistics.median(ab)
-        probe = [r["activation_probe_pct"] for r in good if "activation_probe_pct" in r]
-        if probe:  # the activation probe's own clock, as a share of the blocks it ran in
-            row["activation_probe_pct"] = statistics.median(probe)
+        extra = [r["extra"] for r in good if "extra" in r]
+        if extra:  # a contender's own figures for its target, each the median over its runs
+            row["extra"] = {k: statistics.median(e[k] for e in extra) for k in extra[0]}
         hooks = [100 * r["monitor_hooks"] / r["loop"] for r in good if r.get("monitor_hooks")]
         if hooks:  # the monitor's own hooks, as a share of the same run's loop
             row["monitor_hooks_pct"] = statistics.median(hooks)

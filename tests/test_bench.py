@@ -2,6 +2,7 @@
 
 import bench
 import pytest
+from bench_parts.contender.activations_ab import ActivationInterleaver
 from bench_parts.contender.clocks import Interleaver
 
 
@@ -120,24 +121,54 @@ def test_in_run_ab_leaves_out_checkpoint_pairs_and_keeps_histogram_pairs():
 
 
 def test_the_activation_statistics_target_reads_their_own_in_run_ab():
-    """The mid block's activations_ab row: its in-run A/B against the 1% target, and the probe's
-    own clock beside it; a gpu row is shown for information, with no target."""
+    """The mid block's activations_ab row: its logging windows' estimate against the 1% target
+    on the targets' clock, the whole blocks' and the probe's own clock beside it; a gpu row is
+    shown for information."""
+    extra = {
+        "probe_pct": 0.3,
+        "windows_wall_pct": 0.4,
+        "windows_cpu_pct": 1.2,
+        "blocks_wall_pct": -0.5,
+        "blocks_cpu_pct": 2.0,
+    }
     rows = [
-        {
-            "block": "mid",
-            "name": "activations_ab",
-            "interleaved_pct": 0.4,
-            "activation_probe_pct": 0.3,
-        },
-        {"block": "gpu", "name": "activations_ab", "interleaved_pct": 2.5},
+        {"block": "mid", "name": "activations_ab", "extra": extra},
+        {"block": "gpu", "name": "activations_ab", "extra": {**extra, "windows_wall_pct": 2.5}},
     ]
+    name = "mid: the activation statistics at defaults (in-run A/B)"
     checks = {name: (ok, detail) for name, ok, detail in bench.targets(rows)}
-    ok, detail = checks["mid: the activation statistics at defaults (in-run A/B)"]
-    assert (
-        ok is True
-        and detail == "0.4% (target < 1%); the probe's own clock 0.30% of the blocks it ran in"
+    assert checks[name] == (
+        True,
+        "0.4% (target < 1%); whole blocks -0.50%; the probe's own clock 0.30% of the blocks it"
+        " ran in",
     )
-    assert checks["gpu: the activation statistics at defaults (in-run A/B)"] == (None, "2.5%")
-    rows[0]["interleaved_pct"] = 1.2
-    checks = {name: (ok, detail) for name, ok, detail in bench.targets(rows)}
-    assert checks["mid: the activation statistics at defaults (in-run A/B)"][0] is False
+    ok, detail = checks["gpu: the activation statistics at defaults (in-run A/B)"]
+    assert ok is None and detail.startswith("2.5%;")
+    checks = {name: (ok, detail) for name, ok, detail in bench.targets(rows, clock="cpu")}
+    assert checks[name][0] is False and checks[name][1].startswith(
+        "1.2% (target < 1%); whole blocks +2.00%"
+    )
+
+
+def test_the_activation_ab_compares_the_logging_windows_by_their_mean():
+    """24 blocks of 50 steps of 1 s; their last two steps (the window) take 0.04 s. With the
+    statistics, one logging step in four takes 0.1 s more (the others nothing); a burst makes a
+    block without them 3 s long, outside its window. Pairs holding a histogram step (blocks 9
+    and 19, every 500 steps) are left out: 10 pairs kept, 2 of them with a measuring step, so
+    the windows' mean is 0.02 s a block, 2%; the median pair, as the whole blocks' median,
+    sees nothing."""
+    inter = ActivationInterleaver.__new__(ActivationInterleaver)
+    Interleaver.__init__(inter, block=50, hist_every=500)
+    inter.on = [inter.monitor_in(i) for i in range(24)]
+    times, window = [1.0] * 24, [0.04] * 24
+    for i in [i for i in range(24) if inter.on[i]][::4]:  # blocks 1, 9 and 17
+        times[i] += 0.1
+        window[i] += 0.1
+    times[4] = 3.0
+    inter.starts = [sum(times[:i]) for i in range(24)]
+    inter.cpu_starts = list(inter.starts)
+    inter.window_starts = {i: (inter.starts[i] + times[i] - window[i],) * 2 for i in range(24)}
+    assert [w for w, _, _ in inter.pairs()] == [1, 2, 5, 6, 10, 13, 14, 17, 21, 22]
+    est = inter.estimates(end=sum(times), cpu_end=sum(times))
+    assert est["windows_wall_pct"] == pytest.approx(2.0) == est["windows_cpu_pct"]
+    assert est["blocks_wall_pct"] == pytest.approx(0.0)

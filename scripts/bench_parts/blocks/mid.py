@@ -75,13 +75,15 @@ def contenders(quick: bool, notes: list[str], block: str = "mid", device: str = 
         "none",
     )
     # The activation statistics alone: the monitor in every block, its activation statistics on
-    # and off by the same turns (see ActivationInterleaver).
+    # and off by the same turns (see ActivationInterleaver); twice the A/B's steps again, since
+    # the difference to resolve is a fraction of a percent.
     specs.add(
         "activations_ab",
         "GradientMonitor defaults, activation statistics in and out by turns of 50 steps",
         "monitored",
         {
             **ab,
+            "epochs": 4 * mid["epochs"],
             "interleave": {
                 "switch": "activations",
                 "block": 50,

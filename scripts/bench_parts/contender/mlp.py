@@ -133,7 +133,10 @@ def run_monitored(p: dict[str, Any]) -> dict[str, float]:
     if interleave is not None:
         out["interleaved_pct"] = interleave.overhead_pct(CLOCK.end)
     if isinstance(interleave, ActivationInterleaver):
-        out["activation_probe_pct"] = interleave.probe_pct(CLOCK.end)
+        out["extra"] = {
+            "probe_pct": interleave.probe_pct(CLOCK.end),
+            **interleave.estimates(CLOCK.end, CLOCK.cpu_end),
+        }
     if p.get("sync_check"):
         out["sync_checked_steps"] = next(
             c for c in callbacks if type(c).__name__ == "SyncGuard"
