@@ -1,6 +1,7 @@
 """The gradient monitor's cost under FSDP2 (trainer=fsdp) on 2 CPU processes, A/B inside one run.
 
     python scripts/bench_fsdp.py [--steps 3000] [--out fsdp_bench.json]
+    make bench ARGS="--blocks fsdp"     # the same, repeated, with its target (< 3%)
 
 An MLP of 2-256-256-2 on moons, `fully_shard` per layer (MLPModule.configure_model), Lightning's
 ModelParallelStrategy over gloo; Lightning starts the second process by running this script

@@ -79,9 +79,10 @@ def test_activation_statistics_on_logging_steps_only(tmp_path):
     assert not [t for t in values if t.startswith("activation/") and t.endswith("/fc2")]
 
 
-def test_the_probe_measures_every_few_logs_and_every_log_while_a_share_is_high():
+def test_the_probe_measures_every_few_logs_and_every_log_while_a_share_is_high(monkeypatch):
     """Healthy: the first logging step and every ``measure_every``-th; once a layer is mostly
-    dead, every logging step, until it recovers. Activation histograms: every logging step."""
+    dead, every logging step, until it recovers. Activation histograms, or several processes
+    (whose statistics join one collective): every logging step."""
     torch.manual_seed(0)
     net = ReluNet()
     names = {id(p): name for name, p in net.named_parameters()}
@@ -110,6 +111,9 @@ def test_the_probe_measures_every_few_logs_and_every_log_while_a_share_is_high()
     # Alive again at the 18th: measured (the 17th was dead), then one in four again (the 21st).
     assert measured(probe, [1.0] * 5) == [True, False, False, True, False]
     assert measured(ActivationProbe(keep_values=True), [1.0] * 3) == [True] * 3
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    assert measured(ActivationProbe(), [1.0] * 3) == [True] * 3
 
 
 def test_activation_histograms_on_request(tmp_path):

@@ -21,14 +21,16 @@ training step, and the problems they look for last. The first logging step is me
 every ``measure_every``-th; once a layer's dead, saturated or alike share reaches ``watch``, every
 one, until it falls back, so that the rules' patience (which counts the logs that measured) runs
 at every log where it matters. Deciding that reads the last shares on the host: free on CPU; on
-other devices it would wait for the device, so there every logging step is measured. With
-``keep_values`` (activation histograms) every logging step is measured too.
+other devices it would wait for the device, so there every logging step is measured. So it is
+under several processes (each would decide from its own batch) and with ``keep_values``
+(activation histograms).
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -93,8 +95,12 @@ class ActivationProbe:
             self._measured = self.stats
 
     def _watching(self) -> bool:
-        """Whether the last measured step had a share at or over ``watch`` (or could have: off
-        the CPU, reading it would wait for the device)."""
+        """Whether the last measured step had a share at or over ``watch``, or could have:
+        off the CPU reading it would wait for the device, and under several processes each
+        would read its own batch's shares and could decide otherwise than the others, while
+        their statistics join one collective (FSDP2): there every logging step is measured."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return True
         shares = [s[1:] for s in self._measured.values()]
         if not shares:
             return False
