@@ -33,8 +33,10 @@ class ActivationInterleaver(Interleaver):
       the difference. The mean over pairs, not the median: most logging steps measure nothing
       (see gradwatch.monitor.activations), so the median pair is one that did not.
 
-    Pairs where either block holds one of the monitor's histogram steps are left out: the monitor
-    is in both blocks, so a histogram falls on either side."""
+    Left out besides `Interleaver`'s: the first pair, whose logging step is the monitor's first
+    (its one-off warm-up is in the block without the statistics: a mean would count it), and
+    pairs where either block holds one of the monitor's histogram steps (the monitor is in both
+    blocks, so a histogram falls on either side)."""
 
     def __init__(self, block: int, hist_every: int, epoch_steps: int = 0) -> None:
         super().__init__(block, hist_every, epoch_steps=epoch_steps)
@@ -67,7 +69,7 @@ class ActivationInterleaver(Interleaver):
         return [
             (with_, without, False)
             for with_, without, _ in super().pairs()
-            if not has_hist(with_) and not has_hist(without)
+            if min(with_, without) > 0 and not has_hist(with_) and not has_hist(without)
         ]
 
     def estimates(self, end: float, cpu_end: float) -> dict[str, float]:
