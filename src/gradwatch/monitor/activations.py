@@ -16,8 +16,8 @@ The units are the input's channels (dimension 1 of a convolution's input) or its
 - ``alike``: the share of units that vary over the samples and are a copy of another unit on every
   sample (units that started with the same weights stay the same).
 
-Not every logging step is measured: the hooks and the statistics cost about as much as a
-training step, and the problems they look for last. The first logging step is measured, then
+Not every logging step is measured: the hooks and the statistics cost about a training step of a
+small network, and the problems they look for last. The first logging step is measured, then
 every ``measure_every``-th; once a layer's dead, saturated or alike share reaches ``watch``, every
 one, until it falls back, so that the rules' patience (which counts the logs that measured) runs
 at every log where it matters. Deciding that reads the last shares on the host: free on CPU; on
@@ -152,11 +152,11 @@ def unit_stats(x: Tensor, eps: float) -> Tensor:
     # Saturation as the distance from the range's centre: sigmoid-like outputs (none negative)
     # lie in [0, 1] around 0.5, tanh-like ones in [-1, 1] around 0; near a bound is within eps.
     centre = (lo >= 0) * 0.5
-    dist = (x - centre).abs_()
-    near = (dist > (1 - eps) - centre).sum(0)
+    off_centre = (x - centre).abs_()
+    near = (off_centre > (1 - eps) - centre).sum(0)
     # No output exactly 0 (a ReLU's zeros are not a sigmoid's): with none negative the minimum
     # is above 0; otherwise the smallest distance from the centre 0 is.
-    no_zero = torch.where(lo >= 0, lo, dist.amin()) > 0
+    no_zero = torch.where(lo >= 0, lo, off_centre.amin()) > 0
     bounded = (torch.maximum(-lo, hi) <= 1) & no_zero
     saturated = (near >= SATURATED_SAMPLES * n) & bounded
     # Copies: units equal on every sample (up to float rounding). Two projections of each unit's
