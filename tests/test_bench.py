@@ -174,3 +174,28 @@ def test_the_activation_ab_compares_the_logging_windows_by_their_mean():
     est = inter.estimates(end=sum(times), cpu_end=sum(times))
     assert est["windows_wall_pct"] == pytest.approx(2.0) == est["windows_cpu_pct"]
     assert est["blocks_wall_pct"] == pytest.approx(0.0)
+
+
+def test_the_fsdp_target_is_its_in_run_ab_with_its_standard_error():
+    extra = {
+        "standard_error_pct": 0.21,
+        "whole_windows_pct": 0.77,
+        "whole_windows_standard_error_pct": 3.74,
+        "paired_median_pct": -0.23,
+        "hooks_pct": 0.58,
+        "step_ms_without": 24.265,
+    }
+    rows = [{"block": "fsdp", "name": "monitor_ab", "interleaved_pct": 0.4, "extra": extra}]
+    name = "fsdp: the monitor at defaults, FSDP2 on 2 CPU processes (in-run A/B)"
+    checks = {name: (ok, detail) for name, ok, detail in bench.targets(rows)}
+    assert checks[name] == (
+        True,
+        "0.4% (target < 3%; standard error of a run's 0.21 points); whole windows +0.77%"
+        " (3.7 points), their paired median -0.23%; the monitor's own hooks 0.58% of the steps"
+        " they ran in; 24.3 ms a step without it",
+    )
+    rows[0]["interleaved_pct"] = 3.5
+    assert {n: ok for n, ok, _ in bench.targets(rows)}[name] is False
+    # A failed run (bench_fsdp.py exited) is shown, not passed.
+    rows = [{"block": "fsdp", "name": "monitor_ab", "error": "exit 1: gloo", "n": 0}]
+    assert {n: (ok, d) for n, ok, d in bench.targets(rows)}[name] == (None, "exit 1: gloo")
