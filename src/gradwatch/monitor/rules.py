@@ -73,7 +73,7 @@ class Thresholds:
     # Parameters without gradient: absent at every one of at least this many logs.
     no_gradient_patience: int = 3
     # Activations: a layer with at least this share of dead, saturated or alike units, for this
-    # many logs in a row.
+    # many logs in a row of those that measured activations.
     dead_fraction: float = 0.75
     saturated_fraction: float = 0.5
     symmetric_fraction: float = 0.5
@@ -492,7 +492,7 @@ def no_signal(h: History, t: Thresholds) -> Finding | None:
 
 def dead_units(h: History, t: Thresholds) -> Finding | None:
     """Layers whose outputs are exactly 0 on every input for at least ``dead_fraction`` of their
-    units, ``activation_patience`` logs in a row (ReLU units that never fire)."""
+    units, ``activation_patience`` measured logs in a row (ReLU units that never fire)."""
     return _activation_rule(
         h,
         t,
@@ -507,7 +507,7 @@ def dead_units(h: History, t: Thresholds) -> Finding | None:
 
 def saturated_units(h: History, t: Thresholds) -> Finding | None:
     """Layers (sigmoid- or tanh-bounded outputs) with at least ``saturated_fraction`` of their
-    units at a bound on nearly every input, ``activation_patience`` logs in a row."""
+    units at a bound on nearly every input, ``activation_patience`` measured logs in a row."""
     return _activation_rule(
         h,
         t,
@@ -523,8 +523,8 @@ def saturated_units(h: History, t: Thresholds) -> Finding | None:
 
 def symmetric_units(h: History, t: Thresholds) -> Finding | None:
     """Layers with at least ``symmetric_fraction`` of their units copies of another unit on every
-    input, ``activation_patience`` logs in a row: the units got the same initial weights, so they
-    get the same gradients and never become different."""
+    input, ``activation_patience`` measured logs in a row: the units got the same initial
+    weights, so they get the same gradients and never become different."""
     return _activation_rule(
         h,
         t,
