@@ -3,6 +3,7 @@
 make bench                                  # every block this machine can run, 7 repeats
 make bench ARGS="--quick"                   # 2 repeats, shorter runs: a smoke test, not a result
 .venv/bin/python scripts/bench.py --blocks tutorial,mid --repeats 7 --out outputs/bench
+make bench ARGS="--blocks fsdp"             # FSDP2 on 2 CPU processes: not in the default set
 
 Every contender runs in its own process (`bench.py --contender '<json>'`), contenders alternate
 within a block, in rounds (ABC CBA ABC..., never AAABBB, so drifting machine load hits all of them
@@ -87,6 +88,9 @@ def summarize(specs: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]]
         ab = [r["interleaved_pct"] for r in good if "interleaved_pct" in r]
         if ab:  # the monitor's overhead from blocks with and without it in the same run
             row["interleaved_pct"] = statistics.median(ab)
+        extra = [r["extra"] for r in good if "extra" in r]
+        if extra:  # a contender's own figures for its target, each the median over its runs
+            row["extra"] = {k: statistics.median(e[k] for e in extra) for k in extra[0]}
         hooks = [100 * r["monitor_hooks"] / r["loop"] for r in good if r.get("monitor_hooks")]
         if hooks:  # the monitor's own hooks, as a share of the same run's loop
             row["monitor_hooks_pct"] = statistics.median(hooks)

@@ -2,6 +2,7 @@
 
 import bench
 import pytest
+from bench_parts.contender.activations_ab import ActivationInterleaver
 from bench_parts.contender.clocks import Interleaver
 
 
@@ -117,3 +118,84 @@ def test_in_run_ab_leaves_out_checkpoint_pairs_and_keeps_histogram_pairs():
     assert len(pairs) == 18
     assert not {18, 19, 38, 39} & {block for pair in pairs for block in pair[:2]}
     assert [w for w, _, hist in pairs if hist] == [9, 29]
+
+
+def test_the_activation_statistics_target_reads_their_own_in_run_ab():
+    """The mid block's activations_ab row: its logging windows' estimate against the 1% target
+    on the targets' clock, the whole blocks' and the probe's own clock beside it; a gpu row is
+    shown for information."""
+    extra = {
+        "probe_pct": 0.3,
+        "windows_wall_pct": 0.4,
+        "windows_cpu_pct": 1.2,
+        "blocks_wall_pct": -0.5,
+        "blocks_cpu_pct": 2.0,
+    }
+    rows = [
+        {"block": "mid", "name": "activations_ab", "extra": extra},
+        {"block": "gpu", "name": "activations_ab", "extra": {**extra, "windows_wall_pct": 2.5}},
+    ]
+    name = "mid: the activation statistics at defaults (in-run A/B)"
+    checks = {name: (ok, detail) for name, ok, detail in bench.targets(rows)}
+    assert checks[name] == (
+        True,
+        "0.4% (target < 1%); whole blocks -0.50%; the probe's own clock 0.30% of the blocks it"
+        " ran in",
+    )
+    ok, detail = checks["gpu: the activation statistics at defaults (in-run A/B)"]
+    assert ok is None and detail.startswith("2.5%;")
+    checks = {name: (ok, detail) for name, ok, detail in bench.targets(rows, clock="cpu")}
+    assert checks[name][0] is False and checks[name][1].startswith(
+        "1.2% (target < 1%); whole blocks +2.00%"
+    )
+
+
+def test_the_activation_ab_compares_the_logging_windows_by_their_mean():
+    """24 blocks of 50 steps of 1 s; their last two steps (the window) take 0.04 s. With the
+    statistics, one logging step in four takes 0.09 s more (the others nothing); a burst makes a
+    block without them 3 s long, outside its window, and the first logging step (block 0's)
+    warms up for 0.5 s. Left out: the first pair, and those holding a histogram step (blocks 9
+    and 19, every 500 steps): 9 pairs kept, 2 of them with a measuring step, so the windows'
+    mean is 0.02 s a block, 2%; the median pair, as the whole blocks' median, sees nothing."""
+    inter = ActivationInterleaver.__new__(ActivationInterleaver)
+    Interleaver.__init__(inter, block=50, hist_every=500)
+    inter.on = [inter.monitor_in(i) for i in range(24)]
+    times, window = [1.0] * 24, [0.04] * 24
+    for i in [i for i in range(24) if inter.on[i]][1::4]:  # blocks 2, 10 and 18
+        times[i] += 0.09
+        window[i] += 0.09
+    times[4] = 3.0
+    times[0] += 0.5
+    window[0] += 0.5
+    inter.starts = [sum(times[:i]) for i in range(24)]
+    inter.cpu_starts = list(inter.starts)
+    inter.window_starts = {i: (inter.starts[i] + times[i] - window[i],) * 2 for i in range(24)}
+    assert [w for w, _, _ in inter.pairs()] == [2, 5, 6, 10, 13, 14, 17, 21, 22]
+    est = inter.estimates(end=sum(times), cpu_end=sum(times))
+    assert est["windows_wall_pct"] == pytest.approx(2.0) == est["windows_cpu_pct"]
+    assert est["blocks_wall_pct"] == pytest.approx(0.0)
+
+
+def test_the_fsdp_target_is_its_in_run_ab_with_its_standard_error():
+    extra = {
+        "standard_error_pct": 0.21,
+        "whole_windows_pct": 0.77,
+        "whole_windows_standard_error_pct": 3.74,
+        "paired_median_pct": -0.23,
+        "hooks_pct": 0.58,
+        "step_ms_without": 24.265,
+    }
+    rows = [{"block": "fsdp", "name": "monitor_ab", "interleaved_pct": 0.4, "extra": extra}]
+    name = "fsdp: the monitor at defaults, FSDP2 on 2 CPU processes (in-run A/B)"
+    checks = {name: (ok, detail) for name, ok, detail in bench.targets(rows)}
+    assert checks[name] == (
+        True,
+        "0.4% (target < 3%; standard error of a run's 0.21 points); whole windows +0.77%"
+        " (3.7 points), their paired median -0.23%; the monitor's own hooks 0.58% of the steps"
+        " they ran in; 24.3 ms a step without it",
+    )
+    rows[0]["interleaved_pct"] = 3.5
+    assert {n: ok for n, ok, _ in bench.targets(rows)}[name] is False
+    # A failed run (bench_fsdp.py exited) is shown, not passed.
+    rows = [{"block": "fsdp", "name": "monitor_ab", "error": "exit 1: gloo", "n": 0}]
+    assert {n: (ok, d) for n, ok, d in bench.targets(rows)}[name] == (None, "exit 1: gloo")

@@ -11,7 +11,7 @@ from test_monitor import Module, fit, histograms, read_events, scalars
 from torch import nn
 
 from gradwatch.monitor import GradientAlert, GradientMonitor
-from gradwatch.monitor.activations import unit_stats
+from gradwatch.monitor.activations import ActivationProbe, unit_stats
 
 
 def stats(x, eps=1e-3):
@@ -64,7 +64,9 @@ def test_activation_statistics_on_logging_steps_only(tmp_path):
         max_epochs=8,
         log_every_n_steps=4,
     )
-    # The monitor's hook is there for the forward of the logging steps (3 and 7) only.
+    # The monitor's hook is there for the forward of the logging steps (3 and 7) only; both are
+    # measured: a quarter of fc1's units is dead, the probe's watch share.
+    assert stats(net.received[3])["dead"] >= ActivationProbe.watch
     assert net.hooks_seen == [0, 0, 0, 1, 0, 0, 0, 1]
     values = scalars(read_events(trainer.logger.log_dir))
     assert sorted(values["activation/dead/fc1"]) == [3, 7]
@@ -75,6 +77,43 @@ def test_activation_statistics_on_logging_steps_only(tmp_path):
             assert values[f"activation/{stat}/fc1"][step] == pytest.approx(expected[stat])
     # The output layer feeds nothing: no statistics of its own.
     assert not [t for t in values if t.startswith("activation/") and t.endswith("/fc2")]
+
+
+def test_the_probe_measures_every_few_logs_and_every_log_while_a_share_is_high(monkeypatch):
+    """Healthy: the first logging step and every ``measure_every``-th; once a layer is mostly
+    dead, every logging step, until it recovers. Activation histograms, or several processes
+    (whose statistics join one collective): every logging step."""
+    torch.manual_seed(0)
+    net = ReluNet()
+    names = {id(p): name for name, p in net.named_parameters()}
+    # Inputs for which fc1's 8 ReLU units all fire, each its own (biases 1, weights in [0.1, 1],
+    # inputs in [0, 1]), and for which they are all 0 (biases -10).
+    nn.init.uniform_(net.fc1.weight, 0.1, 1.0)
+    x = torch.rand(16, 2)
+
+    def measured(probe, biases):
+        out = []
+        for bias in biases:
+            nn.init.constant_(net.fc1.bias, bias)
+            probe.attach(net, names)
+            net(x)
+            probe.detach()
+            out.append(bool(probe.stats))
+            probe.stats = {}  # as the monitor does once it has read them
+        return out
+
+    probe = ActivationProbe()
+    assert probe.measure_every == 4
+    every_fourth = [True, False, False, False] * 2 + [True]
+    assert measured(probe, [1.0] * 9) == every_fourth
+    # Dead from the 13th log on (a measured one): measured at every log from then on.
+    assert measured(probe, [1.0] * 3 + [-10.0] * 5) == [False] * 3 + [True] * 5
+    # Alive again at the 18th: measured (the 17th was dead), then one in four again (the 21st).
+    assert measured(probe, [1.0] * 5) == [True, False, False, True, False]
+    assert measured(ActivationProbe(keep_values=True), [1.0] * 3) == [True] * 3
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    assert measured(ActivationProbe(), [1.0] * 3) == [True] * 3
 
 
 def test_activation_histograms_on_request(tmp_path):

@@ -194,6 +194,28 @@ def test_activation_rules_need_a_share_of_the_units_for_patience_logs(rule, stat
     assert rule(history([obs(s, activations=acts(0.1)) for s in range(3)]), T) is None
 
 
+def test_activation_rules_count_the_logs_that_measured_and_hold_between_them():
+    """The probe measures some logging steps only: patience counts the measured ones, a log
+    without a measurement neither breaks the run nor ends the episode (one alert, not one per
+    measurement), and a measurement below the share does end it."""
+    dead = {"fc1": {"units": 16.0, "dead": 1.0, "saturated": 0.0, "alike": 0.0}}
+    alive = {"fc1": {"units": 16.0, "dead": 0.0, "saturated": 0.0, "alike": 0.0}}
+    # Measured at steps 0, 2, 4, 6, 8: dead from the third measurement on.
+    logs = [obs(s, activations=dead if s % 2 == 0 else {}) for s in range(9)]
+    assert rules.dead_units(history(logs[:4]), T) is None
+    found = rules.dead_units(history(logs[:6]), T)
+    assert found.layers == ["fc1"] and "step 4" in found.message
+    assert rules.dead_units(history(logs[:6] + [obs(5)]), T).layers == ["fc1"]
+    assert kinds(logs) == {4: [("dead_units", ["fc1"])]}
+    # Alive at the measurement of step 10: the episode ends, and the next one alerts again.
+    later = [obs(10, activations=alive), obs(11)] + [obs(s, activations=dead) for s in (12, 13)]
+    assert rules.dead_units(history(logs + later[:2]), T) is None
+    assert kinds(logs + later + [obs(14, activations=dead)]) == {
+        4: [("dead_units", ["fc1"])],
+        14: [("dead_units", ["fc1"])],
+    }
+
+
 def test_skipped_steps_is_a_scale_that_keeps_falling():
     falling = [obs(s, amp_scale=65536.0 / 2**s) for s in range(4)]
     found = rules.skipped_steps(history(falling), T)

@@ -161,6 +161,8 @@ def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, 
                     else row.get("error", "")
                 )
                 out.append(("gpu: no host sync on steps that write nothing", ok, detail))
+    out += activation_targets(by, clock)
+    out += fsdp_targets(by)
     if any(r["block"] == "depth" for r in rows):
 
         def over(d: int) -> float | None:
@@ -182,6 +184,49 @@ def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, 
                 out[-1][2] + f"; overheads {100 * lo:+.1f}% and {100 * hi:+.1f}%",
             )
     return out
+
+
+def activation_targets(by: dict[tuple[str, str], dict[str, Any]], clock: str) -> list[tuple]:
+    """Issue 16: the activation statistics at the defaults cost < 1% of the mid MLP's loop, from
+    the in-run A/B that switches them alone (`activations_ab`, see ActivationInterleaver): the
+    blocks' logging windows on the targets' clock, with the whole blocks' estimate and the
+    probe's own clock beside it; on a GPU, for information."""
+    out: list[tuple[str, bool | None, str]] = []
+    for block, limit in (("mid", 1.0), ("gpu", None)):
+        extra = by.get((block, "activations_ab"), {}).get("extra")
+        if extra is None:
+            continue
+        name = f"{block}: the activation statistics at defaults (in-run A/B)"
+        value = extra[f"windows_{clock}_pct"]
+        detail = f"{value:.3g}%" + (f" (target < {limit:g}%)" if limit is not None else "")
+        detail += (
+            f"; whole blocks {extra[f'blocks_{clock}_pct']:+.2f}%; the probe's own clock"
+            f" {extra['probe_pct']:.2f}% of the blocks it ran in"
+        )
+        out.append((name, None if limit is None else value < limit, detail))
+    return out
+
+
+def fsdp_targets(by: dict[tuple[str, str], dict[str, Any]]) -> list[tuple]:
+    """Issue 18: the monitor's cost under FSDP2 on 2 CPU processes < 3% of the loop, from the
+    in-run A/B of `scripts/bench_fsdp.py`: the windows' logging steps with the monitor against
+    those without (rank zero's wall clock), with what one run resolves (its standard error), the
+    whole windows' estimate and the monitor's own hooks; each figure the median over repeats."""
+    row = by.get(("fsdp", "monitor_ab"))
+    if row is None:
+        return []
+    name = "fsdp: the monitor at defaults, FSDP2 on 2 CPU processes (in-run A/B)"
+    value, extra = row.get("interleaved_pct"), row.get("extra")
+    if value is None or extra is None:
+        return [(name, None, row.get("error", "not measured"))]
+    detail = (
+        f"{value:.3g}% (target < 3%; standard error of a run's {extra['standard_error_pct']:.2g}"
+        f" points); whole windows {extra['whole_windows_pct']:+.2f}%"
+        f" ({extra['whole_windows_standard_error_pct']:.2g} points), their paired median"
+        f" {extra['paired_median_pct']:+.2f}%; the monitor's own hooks {extra['hooks_pct']:.2f}%"
+        f" of the steps they ran in; {extra['step_ms_without']:.3g} ms a step without it"
+    )
+    return [(name, value < 3, detail)]
 
 
 def markdown(rows: list[dict[str, Any]], checks: list, meta: dict[str, Any]) -> str:

@@ -8,8 +8,9 @@ import importlib
 from typing import Any
 
 BLOCKS = ("tutorial", "mid", "depth", "gpu")
-# Selectable with --blocks, not run by default: diagnostics rather than results.
-EXTRA_BLOCKS = ("ablation",)
+# Selectable with --blocks, not run by default: diagnostics rather than results (ablation), and
+# a block that takes every core of a 2-core machine (fsdp).
+EXTRA_BLOCKS = ("ablation", "fsdp")
 
 
 def contenders(block: str, quick: bool, notes: list[str]) -> list[dict[str, Any]]:

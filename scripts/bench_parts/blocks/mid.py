@@ -92,6 +92,25 @@ def contenders(quick: bool, notes: list[str], block: str = "mid", device: str = 
         },
         "none",
     )
+    # The activation statistics alone: the monitor in every block, its activation statistics on
+    # and off by the same turns (see ActivationInterleaver); twice the A/B's steps again, since
+    # the difference to resolve is a fraction of a percent.
+    specs.add(
+        "activations_ab",
+        "GradientMonitor defaults, activation statistics in and out by turns of 50 steps",
+        "monitored",
+        {
+            **ab,
+            "epochs": 4 * mid["epochs"],
+            "interleave": {
+                "switch": "activations",
+                "block": 50,
+                "hist_every": 500,
+                "epoch_steps": epoch_steps,
+            },
+        },
+        "none",
+    )
     try:
         import importlib.util
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from bench_parts import MARK
 from bench_parts.contender.clocks import MonitorHookTimer
+from bench_parts.contender.fsdp import run_fsdp
 from bench_parts.contender.mlp import run_monitored
 from bench_parts.contender.xor import run_gradwatch, run_lightning_xor, run_plain
 
@@ -17,6 +18,7 @@ RUNNERS = {
     "lightning": run_lightning_xor,
     "gradwatch": run_gradwatch,
     "monitored": run_monitored,
+    "fsdp": run_fsdp,
 }
 
 

@@ -5,7 +5,8 @@ import tempfile
 import time
 from typing import Any
 
-from bench_parts.contender.clocks import CLOCK, Interleaver, MonitorHookTimer
+from bench_parts.contender.activations_ab import ActivationInterleaver, interleaver
+from bench_parts.contender.clocks import CLOCK, MonitorHookTimer
 
 
 def _synthetic(n: int, n_in: int, n_out: int, device: str) -> tuple[Any, Any]:
@@ -91,7 +92,7 @@ def run_monitored(p: dict[str, Any]) -> dict[str, float]:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
-    interleave = Interleaver(**p["interleave"]) if "interleave" in p else None
+    interleave = interleaver(p["interleave"]) if "interleave" in p else None
     x, y = _synthetic(p["samples"], sizes[0], sizes[-1], device)
     callbacks: list[Any] = []
     if kind == "monitor":
@@ -131,6 +132,11 @@ def run_monitored(p: dict[str, Any]) -> dict[str, float]:
     out["monitor_hooks"] = MonitorHookTimer.seconds
     if interleave is not None:
         out["interleaved_pct"] = interleave.overhead_pct(CLOCK.end)
+    if isinstance(interleave, ActivationInterleaver):
+        out["extra"] = {
+            "probe_pct": interleave.probe_pct(CLOCK.end),
+            **interleave.estimates(CLOCK.end, CLOCK.cpu_end),
+        }
     if p.get("sync_check"):
         out["sync_checked_steps"] = next(
             c for c in callbacks if type(c).__name__ == "SyncGuard"

@@ -15,12 +15,22 @@ The units are the input's channels (dimension 1 of a convolution's input) or its
   the samples;
 - ``alike``: the share of units that vary over the samples and are a copy of another unit on every
   sample (units that started with the same weights stay the same).
+
+Not every logging step is measured: the hooks and the statistics cost about a training step of a
+small network, and the problems they look for last. The first logging step is measured, then
+every ``measure_every``-th; once a layer's dead, saturated or alike share reaches ``watch``, every
+one, until it falls back, so that the rules' patience (which counts the logs that measured) runs
+at every log where it matters. Deciding that reads the last shares on the host: free on CPU; on
+other devices it would wait for the device, so there every logging step is measured. So it is
+under several processes (each would decide from its own batch) and with ``keep_values``
+(activation histograms).
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -33,6 +43,10 @@ MAX_SAMPLES = 512
 MAX_UNITS = 512
 # A unit saturated on this share of the samples is saturated.
 SATURATED_SAMPLES = 0.95
+# Logging steps measured while every layer looks healthy: one in this many. A share at or over
+# WATCH (half the smallest of the rules' default fractions) has every logging step measured.
+MEASURE_EVERY = 4
+WATCH = 0.25
 CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
 
 
@@ -43,19 +57,30 @@ class ActivationProbe:
     Args:
         eps: how close to a bound a saturated output is.
         keep_values: keep each layer's (sampled) outputs for histograms.
+        measure_every: while no share reaches ``watch``, measure one logging step in this many.
+        watch: a dead, saturated or alike share from which every logging step is measured.
     """
 
     eps: float = 1e-3
     keep_values: bool = False
+    measure_every: int = MEASURE_EVERY
+    watch: float = WATCH
     stats: dict[str, Tensor] = field(default_factory=dict)  # layer -> STATS, one tensor each
     values: dict[str, Tensor] = field(default_factory=dict)
     _handles: list[RemovableHandle] = field(default_factory=list)
     _last: str | None = None
+    _logs: int = 0  # attach calls: logging steps
+    _measured: dict[str, Tensor] = field(default_factory=dict)  # the last measured step's stats
 
     def attach(self, module: nn.Module, names: dict[int, str]) -> None:
-        """Hooks every module of ``module`` that holds parameters itself; ``names`` maps
-        ``id(parameter)`` to the monitor's parameter names, whose layer names the module."""
+        """Hooks every module of ``module`` that holds parameters itself, if this logging step
+        is one to measure; ``names`` maps ``id(parameter)`` to the monitor's parameter names,
+        whose layer names the module."""
         self.stats, self.values, self._last = {}, {}, None
+        due = self._logs % self.measure_every == 0
+        self._logs += 1
+        if not (due or self.keep_values or self._watching()):
+            return
         for sub in module.modules():
             own = list(sub.parameters(recurse=False))
             if own and id(own[0]) in names:
@@ -66,6 +91,22 @@ class ActivationProbe:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self.stats:
+            self._measured = self.stats
+
+    def _watching(self) -> bool:
+        """Whether the last measured step had a share at or over ``watch``, or could have:
+        off the CPU reading it would wait for the device, and under several processes each
+        would read its own batch's shares and could decide otherwise than the others, while
+        their statistics join one collective (FSDP2): there every logging step is measured."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return True
+        shares = [s[1:] for s in self._measured.values()]
+        if not shares:
+            return False
+        if shares[0].device.type != "cpu":
+            return True
+        return bool(torch.cat(shares).max() >= self.watch)
 
     def _hook(self, layer: str, module: nn.Module) -> Callable:
         unit_dim = 1 if isinstance(module, CHANNEL_FIRST) else -1
@@ -100,22 +141,29 @@ def _projections(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def unit_stats(x: Tensor, eps: float) -> Tensor:
-    """``STATS`` of a samples x units matrix, as one tensor on its device (no host sync)."""
-    n_units = x.shape[1]
-    zero = x == 0
-    dead = zero.all(0)
-    lo, hi = x.min(), x.max()
-    no_zero = ~zero.any()
-    sigmoid_like = (lo >= 0) & (hi <= 1) & no_zero
-    tanh_like = (lo >= -1) & (hi <= 1) & (lo < 0) & no_zero
-    near_bound = torch.where(sigmoid_like, (x < eps) | (x > 1 - eps), x.abs() > 1 - eps)
-    saturated = near_bound.float().mean(0) >= SATURATED_SAMPLES
-    saturated = saturated & (sigmoid_like | tanh_like)
+    """``STATS`` of a samples x units matrix, as one tensor on its device (no host sync).
+
+    Each full-size pass costs little next to each operation's own overhead at these sizes, so
+    the units' minima and maxima are taken once and serve dead, varying and the layer's range."""
+    n, n_units = x.shape
+    lo_u, hi_u = x.amin(0), x.amax(0)
+    lo, hi = lo_u.min(), hi_u.max()
+    dead = (lo_u == 0) & (hi_u == 0)
+    # Saturation as the distance from the range's centre: sigmoid-like outputs (none negative)
+    # lie in [0, 1] around 0.5, tanh-like ones in [-1, 1] around 0; near a bound is within eps.
+    centre = (lo >= 0) * 0.5
+    off_centre = (x - centre).abs_()
+    near = (off_centre > (1 - eps) - centre).sum(0)
+    # No output exactly 0 (a ReLU's zeros are not a sigmoid's): with none negative the minimum
+    # is above 0; otherwise the smallest distance from the centre 0 is.
+    no_zero = torch.where(lo >= 0, lo, off_centre.amin()) > 0
+    bounded = (torch.maximum(-lo, hi) <= 1) & no_zero
+    saturated = (near >= SATURATED_SAMPLES * n) & bounded
     # Copies: units equal on every sample (up to float rounding). Two projections of each unit's
     # column onto fixed random sample weights are equal for copies and, for units that differ,
     # equal by chance only: sorted, a copy sits next to its twin. N x U work, not N x U x U.
     # Elementwise, not a matmul: BLAS takes milliseconds for this skinny product on a busy CPU.
-    proj = (_projections(x.shape[0], x.dtype, x.device) * x).sum(1)  # 2 x U
+    proj = (_projections(n, x.dtype, x.device) * x).sum(1)  # 2 x U
     order = proj[0].argsort()
     p = proj[:, order]
     tol = 1e-5 * (proj.abs().amax(1, keepdim=True) + 1e-30)
@@ -125,7 +173,6 @@ def unit_stats(x: Tensor, eps: float) -> Tensor:
     twin[:-1] |= close
     same = torch.empty_like(twin).scatter_(0, order, twin)
     # Units that do not vary (dead, or saturated on every sample) are alike for another reason.
-    varies = x.amax(0) > x.amin(0)
-    alike = same & varies & ~saturated
+    alike = same & (hi_u > lo_u) & ~saturated
     share = torch.stack([dead, saturated, alike]).float().mean(1)
     return torch.cat([torch.tensor([float(n_units)], device=x.device), share])

@@ -20,6 +20,7 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import takewhile
 from typing import Any
 
 from gradwatch.monitor.arguments import check_choice, check_int, check_number
@@ -72,7 +73,7 @@ class Thresholds:
     # Parameters without gradient: absent at every one of at least this many logs.
     no_gradient_patience: int = 3
     # Activations: a layer with at least this share of dead, saturated or alike units, for this
-    # many logs in a row.
+    # many logs in a row of those that measured activations.
     dead_fraction: float = 0.75
     saturated_fraction: float = 0.5
     symmetric_fraction: float = 0.5
@@ -491,7 +492,7 @@ def no_signal(h: History, t: Thresholds) -> Finding | None:
 
 def dead_units(h: History, t: Thresholds) -> Finding | None:
     """Layers whose outputs are exactly 0 on every input for at least ``dead_fraction`` of their
-    units, ``activation_patience`` logs in a row (ReLU units that never fire)."""
+    units, ``activation_patience`` measured logs in a row (ReLU units that never fire)."""
     return _activation_rule(
         h,
         t,
@@ -506,7 +507,7 @@ def dead_units(h: History, t: Thresholds) -> Finding | None:
 
 def saturated_units(h: History, t: Thresholds) -> Finding | None:
     """Layers (sigmoid- or tanh-bounded outputs) with at least ``saturated_fraction`` of their
-    units at a bound on nearly every input, ``activation_patience`` logs in a row."""
+    units at a bound on nearly every input, ``activation_patience`` measured logs in a row."""
     return _activation_rule(
         h,
         t,
@@ -522,8 +523,8 @@ def saturated_units(h: History, t: Thresholds) -> Finding | None:
 
 def symmetric_units(h: History, t: Thresholds) -> Finding | None:
     """Layers with at least ``symmetric_fraction`` of their units copies of another unit on every
-    input, ``activation_patience`` logs in a row: the units got the same initial weights, so they
-    get the same gradients and never become different."""
+    input, ``activation_patience`` measured logs in a row: the units got the same initial
+    weights, so they get the same gradients and never become different."""
     return _activation_rule(
         h,
         t,
@@ -539,13 +540,22 @@ def symmetric_units(h: History, t: Thresholds) -> Finding | None:
 def _activation_rule(
     h: History, t: Thresholds, stat: str, share: float, kind: str, message: str, fix: str
 ) -> Finding | None:
-    obs = h.last
+    # Not every logging step measures activations (see ``activations``): the rule reads those
+    # that did, and what the last of them showed holds until the next, so an episode goes on.
+    def measured():  # newest first
+        return (o for o in reversed(h.observations) if o.activations)
+
+    obs = next(measured(), None)
+    if obs is None:
+        return None
     layers = []
     for lay, stats in obs.activations.items():
         if stats.get("units", 0) < 2 and stat == "alike":
             continue
-        run = h.trailing(lambda o, lay=lay: o.activations.get(lay, {}).get(stat, 0.0) >= share)
-        if len(run) >= t.activation_patience:
+        run = takewhile(
+            lambda o, lay=lay: o.activations.get(lay, {}).get(stat, 0.0) >= share, measured()
+        )
+        if sum(1 for _ in run) >= t.activation_patience:
             layers.append(lay)
     if not layers:
         return None
