@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_parts import MARK, METRICS, ROOT
-from bench_parts.blocks import BLOCKS, EXTRA_BLOCKS, contenders
+from bench_parts.blocks import BLOCKS, EXTRA_BLOCKS, block_default_repeats, contenders
 from bench_parts.targets import markdown, targets
 
 
@@ -93,12 +93,37 @@ def summarize(specs: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]]
         for r in good:
             if "sync_checked_steps" in r:
                 row["sync_checked_steps"] = r["sync_checked_steps"]
+        summarize_steps(row, good, runs[s["key"]])
         rows.append(row)
     for row in rows:
         base = med[f"{row['block']}/{row['baseline']}"]
         for m in METRICS:
             row[f"{m}_x"] = row[f"{m}_s"] / base[m] if base[m] else float("nan")
     return rows
+
+
+def summarize_steps(row: dict, good: list[dict[str, Any]], every_run: list[dict[str, Any]]) -> None:
+    """The wandb block's instrument (`bench_parts.contender.steps`): medians over runs of every
+    process's CPU and of the logging steps' extra time; the CPU of all processes by round too, for
+    ratios in the same round."""
+    for m in ("cpu_main", "cpu_others", "cpu_all"):
+        got = [r[m] for r in good if m in r]
+        if got:
+            row[f"{m}_s"] = statistics.median(got)
+            row["rounds"][m] = [r.get(m) for r in every_run]
+    for clock in ("wall", "thread_cpu"):
+        got = [r[f"steps_{clock}"] for r in good if r.get(f"steps_{clock}")]
+        if not got:
+            continue
+        keys = ("extra_ms", "extra_mean_ms", "spread_ms", "control_ms", "median_step_ms")
+        summary: dict[str, Any] = {k: statistics.median(g[k] for g in got) for k in keys}
+        summary["extra_pct"] = statistics.median(g["extra_pct"] for g in got)
+        summary["logging_steps"] = got[0]["logging_steps"]
+        summary["by_offset_ms"] = [
+            statistics.median(v) for v in zip(*(g["by_offset_ms"] for g in got), strict=True)
+        ]
+        summary["extra_ms_runs"] = [round(g["extra_ms"], 3) for g in got]
+        row[f"steps_{clock}"] = summary
 
 
 def machine() -> str:
@@ -184,7 +209,11 @@ def main() -> None:
 
     for block in dict.fromkeys(s["block"] for s in specs):
         in_block = [s for s in specs if s["block"] == block]
-        for rep in range(repeats):
+        # A block measured inside each run (the wandb block) has fewer repeats of its own.
+        block_repeats = args.repeats or block_default_repeats(block, repeats)
+        if block_repeats != repeats:
+            notes.append(f"{block}: {block_repeats} repeats (its instrument resolves in one run).")
+        for rep in range(block_repeats):
             # ABC CBA ABC...: load drifts hit every contender alike, and none always runs first.
             for s in in_block if rep % 2 == 0 else in_block[::-1]:
                 r = run_one(s, args.threads, args.timeout)
@@ -195,7 +224,7 @@ def main() -> None:
                     else f"fit {r['fit']:.3f}s loop {r['loop']:.3f}s cpu {r['loop_cpu']:.3f}s"
                     f" process {r['process']:.3f}s"
                 )
-                print(f"[{block} {rep + 1}/{repeats}] {s['name']:<18} {shown}", flush=True)
+                print(f"[{block} {rep + 1}/{block_repeats}] {s['name']:<18} {shown}", flush=True)
 
     rows = summarize(specs, runs)
     checks = targets(rows, args.clock)

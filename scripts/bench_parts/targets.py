@@ -147,6 +147,8 @@ def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, 
                     else row.get("error", "")
                 )
                 out.append(("gpu: no host sync on steps that write nothing", ok, detail))
+    for task in ("xor", "mid"):
+        wandb_targets(by, task, out, ratio)
     if any(r["block"] == "depth" for r in rows):
 
         def over(d: int) -> float | None:
@@ -168,6 +170,68 @@ def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, 
                 out[-1][2] + f"; overheads {100 * lo:+.1f}% and {100 * hi:+.1f}%",
             )
     return out
+
+
+def wandb_targets(by: dict, task: str, out: list, ratio: Any) -> None:
+    """The wandb block's targets on one task: at equal work (every gradient and weight histogram
+    every 50 steps), gradwatch's extra wall time per logging step over its logger's alone at most
+    wandb.watch's over its own logger's, and the CPU of all processes of the run lower. gradwatch
+    both as its command line writes TensorBoard (C checksums) and as a library (TensorBoard's)."""
+    names = ("tb", "gw_all", "gw_all_lib", "wandb", "watch")
+    rows = {n: by.get(("wandb", f"{task}_{n}")) for n in names}
+    if any(r is None or "steps_wall" not in r for r in rows.values()):
+        return
+    extra = {n: r["steps_wall"]["extra_ms"] for n, r in rows.items()}
+    wb = extra["watch"] - extra["wandb"]
+    for gw_name, how in (("gw_all", "command line"), ("gw_all_lib", "library")):
+        gw = extra[gw_name] - extra["tb"]
+        out.append(
+            (
+                f"wandb, {task}: at equal work, extra wall time per logging step over the"
+                f" logger's own (in-run), gradwatch ({how}) <= wandb.watch",
+                gw <= wb,
+                f"gradwatch {gw:.2f} ms (with TensorBoard {extra[gw_name]:.2f}, TensorBoard alone"
+                f" {extra['tb']:.2f}), wandb.watch {wb:.2f} ms (with WandbLogger"
+                f" {extra['watch']:.2f}, WandbLogger alone {extra['wandb']:.2f})",
+            )
+        )
+    cpu = ratio("wandb", f"{task}_gw_all", f"{task}_watch", "cpu_all_s")
+    if cpu is None:
+        return
+    own = {n: r["cpu_all_s"] for n, r in rows.items()}
+    out.append(
+        (
+            f"wandb, {task}: at equal work, CPU of all processes from the first step to the run's"
+            " end, gradwatch + TensorBoard / wandb.watch + WandbLogger < 1",
+            cpu < 1,
+            f"{cpu:.3g}x (medians: {own['gw_all']:.2f} s against {own['watch']:.2f} s, of which"
+            f" other processes {rows['gw_all']['cpu_others_s']:.2f} s and"
+            f" {rows['watch']['cpu_others_s']:.2f} s; the monitoring's own, over its logger"
+            f" alone: gradwatch {own['gw_all'] - own['tb']:+.2f} s, wandb.watch"
+            f" {own['watch'] - own['wandb']:+.2f} s, run against run)",
+        )
+    )
+
+
+def steps_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The in-run instrument's table (`bench_parts.contender.steps`), for rows that have it."""
+    lines = [
+        "| contender | extra per logging step, ms | ± | control, ms | by run, ms | median step,"
+        " ms | extra, % of 50 steps | training thread CPU extra, ms | CPU s: training process"
+        " | other processes | all |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        w, c = r["steps_wall"], r.get("steps_thread_cpu", {})
+        nan = float("nan")
+        lines.append(
+            f"| {r['label']} | {w['extra_ms']:.2f} | {w['spread_ms']:.2f} | {w['control_ms']:.2f}"
+            f" | {', '.join(f'{v:.2f}' for v in w['extra_ms_runs'])} | {w['median_step_ms']:.3f}"
+            f" | {w['extra_pct']:.2f} | {c.get('extra_ms', nan):.2f}"
+            f" | {r.get('cpu_main_s', nan):.2f} | {r.get('cpu_others_s', nan):.2f}"
+            f" | {r.get('cpu_all_s', nan):.2f} |"
+        )
+    return lines
 
 
 def markdown(rows: list[dict[str, Any]], checks: list, meta: dict[str, Any]) -> str:
@@ -194,6 +258,9 @@ def markdown(rows: list[dict[str, Any]], checks: list, meta: dict[str, Any]) -> 
             note = " (failed)" if r["n"] == 0 else ""
             lines.append(f"| {r['label']}{note} | " + " | ".join(cells) + " |")
         lines.append("")
+        stepped = [r for r in rows if r["block"] == block and "steps_wall" in r]
+        if stepped:
+            lines += [f"In-run instrument ({block}):", "", *steps_table(stepped), ""]
     lines += ["### targets", ""]
     for name, ok, detail in checks:
         verdict = "PASS" if ok else "FAIL" if ok is False else "N/A"
