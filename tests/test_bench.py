@@ -117,3 +117,59 @@ def test_in_run_ab_leaves_out_checkpoint_pairs_and_keeps_histogram_pairs():
     assert len(pairs) == 18
     assert not {18, 19, 38, 39} & {block for pair in pairs for block in pair[:2]}
     assert [w for w, _, hist in pairs if hist] == [9, 29]
+
+
+def test_logging_excess_finds_the_logging_steps_cost_and_reads_zero_elsewhere():
+    from bench_parts.contender.steps import logging_excess
+
+    # 1 ms steps; every logging step (49, 99, ...) 3 ms more, the step after it 1 ms more (a
+    # writer thread's work landing late); one preempted step far from any logging step.
+    times = [1e-3] * 1000
+    for s in range(49, 1000, 50):
+        times[s] += 3e-3
+        if s + 1 < 1000:
+            times[s + 1] += 1e-3
+    times[620] += 0.5
+    got = logging_excess(times, every=50, window=5)
+    assert got["logging_steps"] == 18  # the first logging step and the last window left out
+    assert got["extra_ms"] == pytest.approx(4.0)
+    assert got["by_offset_ms"][:2] == pytest.approx([3.0, 1.0])
+    assert got["control_ms"] == pytest.approx(0.0)
+    assert got["extra_pct"] == pytest.approx(100 * 4e-3 / (50 * 1e-3))
+
+
+def wandb_block(extra, cpu):
+    """Rows of the wandb block's xor task: in-run extras (ms) and CPU of all processes by round."""
+    names = ("tb", "gw_all", "gw_all_lib", "wandb", "watch")
+    specs = [spec("wandb", f"xor_{n}", "xor_tb") for n in names]
+    runs = {}
+    for n in names:
+        steps = {"extra_ms": extra[n], "extra_mean_ms": extra[n], "spread_ms": 0.1}
+        steps |= {"control_ms": 0.0, "median_step_ms": 1.0, "extra_pct": 1.0}
+        steps |= {"logging_steps": 10, "by_offset_ms": [extra[n], 0.0]}
+        runs[f"wandb/xor_{n}"] = [
+            {**run(1.0), "steps_wall": steps, "cpu_main": c, "cpu_others": 0.0, "cpu_all": c}
+            for c in cpu[n]
+        ]
+    return bench.summarize(specs, runs)
+
+
+def test_wandb_targets_compare_each_tools_extra_over_its_own_logger_and_cpu_by_round():
+    extra = {"tb": 1.0, "gw_all": 3.5, "gw_all_lib": 5.0, "wandb": 1.5, "watch": 4.5}
+    # The machine is 3x slower in round 2 for everyone: the ratio by round is unmoved.
+    cpu = {
+        "tb": [1.0, 3.0, 1.0],
+        "gw_all": [1.1, 3.3, 1.1],
+        "gw_all_lib": [1.2, 3.6, 1.2],
+        "wandb": [1.2, 3.6, 1.2],
+        "watch": [1.25, 3.75, 1.25],
+    }
+    checks = {name: (ok, detail) for name, ok, detail in bench.targets(wandb_block(extra, cpu))}
+    line = "wandb, xor: at equal work, extra wall time per logging step over the logger's own"
+    ok, detail = checks[f"{line} (in-run), gradwatch (command line) <= wandb.watch"]
+    assert ok and detail.startswith("gradwatch 2.50 ms") and "wandb.watch 3.00 ms" in detail
+    ok, detail = checks[f"{line} (in-run), gradwatch (library) <= wandb.watch"]
+    assert ok is False and detail.startswith("gradwatch 4.00 ms")
+    cpu_line = next(n for n in checks if n.startswith("wandb, xor: at equal work, CPU"))
+    ok, detail = checks[cpu_line]
+    assert ok and detail.startswith("0.88x")
