@@ -104,26 +104,49 @@ def summarize(specs: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]]
 
 def summarize_steps(row: dict, good: list[dict[str, Any]], every_run: list[dict[str, Any]]) -> None:
     """The wandb block's instrument (`bench_parts.contender.steps`): medians over runs of every
-    process's CPU and of the logging steps' extra time; the CPU of all processes by round too, for
-    ratios in the same round."""
-    for m in ("cpu_main", "cpu_others", "cpu_all"):
+    process's CPU and of the logging steps' extra time by clock; the CPU of all processes by
+    round too, for ratios in the same round."""
+    for m in ("cpu_main", "cpu_others", "cpu_all", "steps"):
         got = [r[m] for r in good if m in r]
         if got:
-            row[f"{m}_s"] = statistics.median(got)
+            row[f"{m}_s" if m != "steps" else m] = statistics.median(got)
             row["rounds"][m] = [r.get(m) for r in every_run]
-    for clock in ("wall", "thread_cpu"):
+    for clock in ("wall", "thread_cpu", "process_cpu"):
         got = [r[f"steps_{clock}"] for r in good if r.get(f"steps_{clock}")]
         if not got:
             continue
-        keys = ("extra_ms", "extra_mean_ms", "spread_ms", "control_ms", "median_step_ms")
+        keys = ("extra_ms", "spread_ms", "median_ms", "control_ms", "median_step_ms", "extra_pct")
         summary: dict[str, Any] = {k: statistics.median(g[k] for g in got) for k in keys}
-        summary["extra_pct"] = statistics.median(g["extra_pct"] for g in got)
         summary["logging_steps"] = got[0]["logging_steps"]
-        summary["by_offset_ms"] = [
-            statistics.median(v) for v in zip(*(g["by_offset_ms"] for g in got), strict=True)
-        ]
+        offsets = zip(*(g["by_offset_ms"] for g in got), strict=True)
+        summary["by_offset_ms"] = [statistics.median(v) for v in offsets]
         summary["extra_ms_runs"] = [round(g["extra_ms"], 3) for g in got]
         row[f"steps_{clock}"] = summary
+
+
+def truth_table(threads: int, timeout: float) -> str:
+    """`scripts/bench_truth.py`'s table (what each tool records against the true gradient), run
+    in a process of its own like every contender."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT / "src"), str(ROOT / "scripts"), env.get("PYTHONPATH")])
+    )
+    script = Path(__file__).resolve().parent / "bench_truth.py"
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+    body = proc.stdout.strip() if proc.returncode == 0 else f"failed: {proc.stderr.strip()[-2000:]}"
+    return (
+        "### correctness: what each tool records against the true gradient\n\n"
+        "(`scripts/bench_truth.py`: the worst parameter's relative error of the recorded L2 norm;"
+        " for histograms, the share of values in another bin than the true gradient's)\n\n"
+        f"{body}\n"
+    )
 
 
 def machine() -> str:
@@ -194,7 +217,8 @@ def main() -> None:
     if args.quick:
         notes.append("--quick: shorter runs and fewer repeats; a smoke test, not a result.")
     specs: list[dict[str, Any]] = []
-    for block in [b.strip() for b in args.blocks.split(",") if b.strip()]:
+    blocks = [b.strip() for b in args.blocks.split(",") if b.strip()]
+    for block in blocks:
         if block == "gpu" and not cuda_available():
             notes.append("gpu: skipped, torch.cuda.is_available() is False on this machine.")
             print("gpu block skipped: no CUDA device (torch.cuda.is_available() is False)")
@@ -238,6 +262,8 @@ def main() -> None:
         "notes": notes,
     }
     text = markdown(rows, checks, meta)
+    if "wandb" in blocks:
+        text += "\n" + truth_table(args.threads, args.timeout)
     print()
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

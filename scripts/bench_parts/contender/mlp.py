@@ -114,7 +114,7 @@ def run_monitored(p: dict[str, Any]) -> dict[str, float]:
             if interleave is not None:
                 interleave.step_start(self.trainer)
             if record_steps:
-                if not STEPS.wall:
+                if not STEPS.marks:
                     CPU.mark_start()
                 STEPS.mark()
             CLOCK.batch_start()
@@ -178,9 +178,9 @@ def run_monitored(p: dict[str, Any]) -> dict[str, float]:
     out = {"fit": fit, "loop": CLOCK.seconds, "loop_cpu": CLOCK.cpu_seconds}
     if record_steps:
         out.update(run_cpu)
-        wall, thread_cpu = STEPS.durations()
-        out["steps_wall"] = logging_excess(wall, every)
-        out["steps_thread_cpu"] = logging_excess(thread_cpu, every)
+        out["steps"] = len(STEPS.marks)
+        for clock, times in STEPS.durations().items():
+            out[f"steps_{clock}"] = logging_excess(times, every)
     out["monitor_hooks"] = MonitorHookTimer.seconds
     if interleave is not None:
         out["interleaved_pct"] = interleave.overhead_pct(CLOCK.end)

@@ -17,29 +17,34 @@ from typing import Any
 
 
 class StepClock:
-    """Every step's start, in wall time and in the training thread's CPU time, taken in the
-    module's own `on_train_batch_start` (like `LoopClock`, no extra callback is timed)."""
+    """Every step's start in wall time, in the training thread's CPU time and in the process's
+    (all its threads: TensorBoard's writer, wandb's sender), taken in the module's own
+    `on_train_batch_start` (like `LoopClock`, no extra callback is timed)."""
 
     def __init__(self) -> None:
-        self.wall: list[float] = []
-        self.thread_cpu: list[float] = []
-        self.end_wall = self.end_cpu = 0.0
+        self.marks: list[tuple[float, float, float]] = []
+        self.end = (0.0, 0.0, 0.0)
+
+    @staticmethod
+    def now() -> tuple[float, float, float]:
+        return time.perf_counter(), time.thread_time(), time.process_time()
 
     def mark(self) -> None:
         """At every step's start."""
-        self.wall.append(time.perf_counter())
-        self.thread_cpu.append(time.thread_time())
+        self.marks.append(self.now())
 
     def mark_end(self) -> None:
         """At every step's end: the last one closes the last step."""
-        self.end_wall, self.end_cpu = time.perf_counter(), time.thread_time()
+        self.end = self.now()
 
-    def durations(self) -> tuple[list[float], list[float]]:
-        """Each step's wall and training-thread CPU time: from its start to the next one's (the
-        last: to its end), so a step holds all that runs between two batches."""
-        wall = [b - a for a, b in zip(self.wall, [*self.wall[1:], self.end_wall], strict=True)]
-        cpu = self.thread_cpu
-        return wall, [b - a for a, b in zip(cpu, [*cpu[1:], self.end_cpu], strict=True)]
+    def durations(self) -> dict[str, list[float]]:
+        """Each step's wall, training-thread CPU and process CPU time: from its start to the next
+        one's (the last: to its end), so a step holds all that runs between two batches."""
+        ends = [*self.marks[1:], self.end]
+        out = {}
+        for i, clock in enumerate(("wall", "thread_cpu", "process_cpu")):
+            out[clock] = [b[i] - a[i] for a, b in zip(self.marks, ends, strict=True)]
+        return out
 
 
 STEPS = StepClock()
@@ -53,17 +58,19 @@ def logging_excess(times: list[float], every: int, window: int = 5) -> dict[str,
     asynchronous work lands) is summed less `window` median steps; the median step is taken over
     the steps outside every window. The first logging step is left out (one-off set-up: the
     writer's first event, wandb's first histogram). The control: the same window half an interval
-    later, where no tool logs: it reads zero within the instrument's resolution.
+    later, where no tool logs. On a shared machine any window may hold a step that another
+    process preempted: the control's windows catch that as often as the logging windows do, so
+    the estimate is the mean window's excess less the mean control's (`extra_ms`), with its
+    standard error (`spread_ms`). The median window (`median_ms`) is robust to those, and blind
+    to a tool's own occasional long logging step.
 
-    Returns, in milliseconds, the median window excess (`extra_ms`), its mean (tails included:
-    a preempted step on a shared machine), the control's median and its spread (the median
-    absolute deviation of the per-window excess, over the square root of the number of windows:
-    about what the median can be trusted to), the median step, and the excess by offset from
-    the logging step (which step pays: `by_offset_ms`)."""
+    Returns, in milliseconds but for the counts and `extra_pct` (the extra as a share of one
+    logging interval of median steps): also the control's mean, the median step, and the median
+    excess by offset from the logging step (which step pays: `by_offset_ms`)."""
     logging = [s for s in range(every - 1, len(times) - window, every)][1:]
     in_window = {s + j for s in logging for j in range(window)}
     quiet = [t for i, t in enumerate(times) if i >= every and i not in in_window]
-    if not logging or not quiet:
+    if len(logging) < 2 or not quiet:
         return {}
     base = statistics.median(quiet)
 
@@ -72,21 +79,23 @@ def logging_excess(times: list[float], every: int, window: int = 5) -> dict[str,
 
     windows = [excess(s) for s in logging]
     controls = [excess(s + every // 2) for s in logging if s + every // 2 + window <= len(times)]
-    med = statistics.median(windows)
-    mad = statistics.median(abs(w - med) for w in windows)
+    extra = statistics.fmean(windows) - statistics.fmean(controls)
+    spread = (
+        statistics.variance(windows) / len(windows) + statistics.variance(controls) / len(controls)
+    ) ** 0.5
     return {
         "logging_steps": len(windows),
         "window": window,
         "median_step_ms": 1e3 * base,
-        "extra_ms": 1e3 * med,
-        "extra_mean_ms": 1e3 * statistics.fmean(windows),
-        "spread_ms": 1e3 * 1.4826 * mad / len(windows) ** 0.5,
-        "control_ms": 1e3 * statistics.median(controls) if controls else float("nan"),
+        "extra_ms": 1e3 * extra,
+        "spread_ms": 1e3 * spread,
+        "median_ms": 1e3 * statistics.median(windows),
+        "control_ms": 1e3 * statistics.fmean(controls),
         "by_offset_ms": [
             1e3 * statistics.median(times[s + j] - base for s in logging) for j in range(window)
         ],
-        # The logging step's extra as a share of one logging interval of median steps.
-        "extra_pct": 100 * med / (every * base),
+        "extra_pct": 100 * extra / (every * base),
+        "windows_ms": [round(1e3 * w, 4) for w in windows],
     }
 
 
