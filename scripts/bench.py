@@ -140,7 +140,9 @@ def truth_table(threads: int, timeout: float) -> str:
         timeout=timeout,
         check=False,
     )
-    body = proc.stdout.strip() if proc.returncode == 0 else f"failed: {proc.stderr.strip()[-2000:]}"
+    # The table alone: the monitor prints its per-layer summary at each fit's end.
+    table = "\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith(("|", "(wandb")))
+    body = table if proc.returncode == 0 else f"failed: {proc.stderr.strip()[-2000:]}"
     return (
         "### correctness: what each tool records against the true gradient\n\n"
         "(`scripts/bench_truth.py`: the worst parameter's relative error of the recorded L2 norm;"
@@ -237,6 +239,7 @@ def main() -> None:
         block_repeats = args.repeats or block_default_repeats(block, repeats)
         if block_repeats != repeats:
             notes.append(f"{block}: {block_repeats} repeats (its instrument resolves in one run).")
+        load = os.getloadavg()[0]
         for rep in range(block_repeats):
             # ABC CBA ABC...: load drifts hit every contender alike, and none always runs first.
             for s in in_block if rep % 2 == 0 else in_block[::-1]:
@@ -249,6 +252,13 @@ def main() -> None:
                     f" process {r['process']:.3f}s"
                 )
                 print(f"[{block} {rep + 1}/{block_repeats}] {s['name']:<18} {shown}", flush=True)
+        if block == "wandb":
+            # The in-run instrument's logging steps stretch more than other steps when other
+            # processes want the cores: the load says how far to trust a run.
+            notes.append(
+                f"wandb: load average {load:.2f} at the block's start, {os.getloadavg()[0]:.2f} at"
+                f" its end, on {os.cpu_count()} cores."
+            )
 
     rows = summarize(specs, runs)
     checks = targets(rows, args.clock)

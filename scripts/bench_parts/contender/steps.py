@@ -59,10 +59,10 @@ def logging_excess(times: list[float], every: int, window: int = 5) -> dict[str,
     the steps outside every window. The first logging step is left out (one-off set-up: the
     writer's first event, wandb's first histogram). The control: the same window half an interval
     later, where no tool logs. On a shared machine any window may hold a step that another
-    process preempted: the control's windows catch that as often as the logging windows do, so
-    the estimate is the mean window's excess less the mean control's (`extra_ms`), with its
-    standard error (`spread_ms`). The median window (`median_ms`) is robust to those, and blind
-    to a tool's own occasional long logging step.
+    process preempted: the control's windows catch that too, so the estimate is the windows'
+    trimmed mean (`trimmed_mean`) less the controls' (`extra_ms`), with the standard error of
+    the plain means (`spread_ms`). The median window (`median_ms`) is more robust still, and
+    blind to a tool's own occasional long logging step.
 
     Returns, in milliseconds but for the counts and `extra_pct` (the extra as a share of one
     logging interval of median steps): also the control's mean, the median step, and the median
@@ -79,7 +79,7 @@ def logging_excess(times: list[float], every: int, window: int = 5) -> dict[str,
 
     windows = [excess(s) for s in logging]
     controls = [excess(s + every // 2) for s in logging if s + every // 2 + window <= len(times)]
-    extra = statistics.fmean(windows) - statistics.fmean(controls)
+    extra = trimmed_mean(windows) - trimmed_mean(controls)
     spread = (
         statistics.variance(windows) / len(windows) + statistics.variance(controls) / len(controls)
     ) ** 0.5
@@ -90,13 +90,22 @@ def logging_excess(times: list[float], every: int, window: int = 5) -> dict[str,
         "extra_ms": 1e3 * extra,
         "spread_ms": 1e3 * spread,
         "median_ms": 1e3 * statistics.median(windows),
-        "control_ms": 1e3 * statistics.fmean(controls),
+        "control_ms": 1e3 * trimmed_mean(controls),
         "by_offset_ms": [
             1e3 * statistics.median(times[s + j] - base for s in logging) for j in range(window)
         ],
         "extra_pct": 100 * extra / (every * base),
         "windows_ms": [round(1e3 * w, 4) for w in windows],
     }
+
+
+def trimmed_mean(values: list[float], cut: float = 0.1) -> float:
+    """The mean of the values less the lowest and highest `cut` of them: a window's cost has a
+    real tail (a garbage collection that the logging step's allocations set off), and a few
+    windows hold a step that another process or the hypervisor preempted for tens of ms."""
+    k = int(len(values) * cut)
+    kept = sorted(values)[k : len(values) - k]
+    return statistics.fmean(kept)
 
 
 def _stat(pid: str) -> tuple[int, list[str]] | None:
