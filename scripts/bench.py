@@ -3,6 +3,7 @@
 make bench                                  # every block this machine can run, 7 repeats
 make bench ARGS="--quick"                   # 2 repeats, shorter runs: a smoke test, not a result
 .venv/bin/python scripts/bench.py --blocks tutorial,mid --repeats 7 --out outputs/bench
+make bench ARGS="--blocks wandb"            # against wandb.watch (make install EXTRAS=bench)
 
 Every contender runs in its own process (`bench.py --contender '<json>'`), contenders alternate
 within a block, in rounds (ABC CBA ABC..., never AAABBB, so drifting machine load hits all of them

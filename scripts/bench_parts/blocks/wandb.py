@@ -14,7 +14,7 @@ TensorBoard contenders run as the command line writes (C checksums), and one mor
 as a library in one's own Trainer (TensorBoard's own checksums), against the same baseline (the
 baseline's own events are a few hundred bytes: their checksum is some microseconds either way).
 
-Only where wandb is installed (`pip install -e '.[bench]'`); it is never a dependency of
+Only where wandb is installed (`make install EXTRAS=bench`); it is never a dependency of
 training or of the tests. The instrument resolves within one run, so the block runs 3 repeats
 unless `--repeats` says otherwise: three runs show its spread.
 """
@@ -40,7 +40,7 @@ def contenders(quick: bool, notes: list[str]) -> Specs:
     specs = Specs("wandb")
     if not available():
         notes.append(
-            "wandb: not installed, the wandb block is skipped (`pip install -e '.[bench]'`)."
+            "wandb: not installed, the wandb block is skipped (`make install EXTRAS=bench`)."
         )
         return specs
     every_hist = {"histogram_every_n_steps": EVERY, "histogram_min_values": 1}
