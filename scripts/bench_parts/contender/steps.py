@@ -1,11 +1,11 @@
-"""The instrument of the wandb block: every step's wall time, recorded inside the loop, and the CPU
-time of every process of the run (wandb's service included).
+"""The instrument of the wandb block: every step's wall and CPU time, recorded inside the loop,
+and the CPU time of every process of the run (wandb's service included).
 
 Run against run, a contender's whole time moves by 10 to 30% on this shared machine, and two
 tools' few percent are lost in that. Inside one run the steps that log can be set against the
-steps that do not, seconds apart: `logging_excess` takes, at every logging step, the extra wall
-time of that step and of the few after it (where asynchronous work lands: TensorBoard's writer
-thread, wandb's sender and service) over the median step of the same run. The CPU clocks add
+steps that do not, a fraction of a second apart: `logging_excess` takes, at every logging step,
+the extra time of that step and of the few after it (where asynchronous work lands: TensorBoard's
+writer thread, wandb's sender and service) over the median step of the same run. The CPU clocks add
 what a tool does off the training thread, in other threads and processes, which a wall clock on
 a machine with a free core would never see.
 """
