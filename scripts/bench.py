@@ -4,6 +4,7 @@ make bench                                  # every block this machine can run, 
 make bench ARGS="--quick"                   # 2 repeats, shorter runs: a smoke test, not a result
 .venv/bin/python scripts/bench.py --blocks tutorial,mid --repeats 7 --out outputs/bench
 make bench ARGS="--blocks fsdp"             # FSDP2 on 2 CPU processes: not in the default set
+make bench ARGS="--blocks wandb"            # against wandb.watch (make install EXTRAS=bench)
 
 Every contender runs in its own process (`bench.py --contender '<json>'`), contenders alternate
 within a block, in rounds (ABC CBA ABC..., never AAABBB, so drifting machine load hits all of them
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_parts import MARK, METRICS, ROOT
-from bench_parts.blocks import BLOCKS, EXTRA_BLOCKS, contenders
+from bench_parts.blocks import BLOCKS, EXTRA_BLOCKS, block_default_repeats, contenders
 from bench_parts.targets import markdown, targets
 
 
@@ -97,12 +98,62 @@ def summarize(specs: list[dict[str, Any]], runs: dict[str, list[dict[str, Any]]]
         for r in good:
             if "sync_checked_steps" in r:
                 row["sync_checked_steps"] = r["sync_checked_steps"]
+        summarize_steps(row, good, runs[s["key"]])
         rows.append(row)
     for row in rows:
         base = med[f"{row['block']}/{row['baseline']}"]
         for m in METRICS:
             row[f"{m}_x"] = row[f"{m}_s"] / base[m] if base[m] else float("nan")
     return rows
+
+
+def summarize_steps(row: dict, good: list[dict[str, Any]], every_run: list[dict[str, Any]]) -> None:
+    """The wandb block's instrument (`bench_parts.contender.steps`): medians over runs of every
+    process's CPU and of the logging steps' extra time by clock; the CPU of all processes by
+    round too, for ratios in the same round."""
+    for m in ("cpu_main", "cpu_others", "cpu_all", "steps"):
+        got = [r[m] for r in good if m in r]
+        if got:
+            row[f"{m}_s" if m != "steps" else m] = statistics.median(got)
+            row["rounds"][m] = [r.get(m) for r in every_run]
+    for clock in ("wall", "thread_cpu", "process_cpu"):
+        got = [r[f"steps_{clock}"] for r in good if r.get(f"steps_{clock}")]
+        if not got:
+            continue
+        keys = ("extra_ms", "spread_ms", "median_ms", "control_ms", "median_step_ms", "extra_pct")
+        summary: dict[str, Any] = {k: statistics.median(g[k] for g in got) for k in keys}
+        summary["logging_steps"] = got[0]["logging_steps"]
+        offsets = zip(*(g["by_offset_ms"] for g in got), strict=True)
+        summary["by_offset_ms"] = [statistics.median(v) for v in offsets]
+        summary["extra_ms_runs"] = [round(g["extra_ms"], 3) for g in got]
+        row[f"steps_{clock}"] = summary
+
+
+def truth_table(threads: int, timeout: float) -> str:
+    """`scripts/bench_truth.py`'s table (what each tool records against the true gradient), run
+    in a process of its own like every contender."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ROOT / "src"), str(ROOT / "scripts"), env.get("PYTHONPATH")])
+    )
+    script = Path(__file__).resolve().parent / "bench_truth.py"
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+    # The table alone: the monitor prints its per-layer summary at each fit's end.
+    table = "\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith(("|", "(wandb")))
+    body = table if proc.returncode == 0 else f"failed: {proc.stderr.strip()[-2000:]}"
+    return (
+        "### correctness: what each tool records against the true gradient\n\n"
+        "(`scripts/bench_truth.py`: the worst parameter's relative error of the recorded L2 norm;"
+        " for histograms, the share of values in another bin than the true gradient's)\n\n"
+        f"{body}\n"
+    )
 
 
 def machine() -> str:
@@ -173,7 +224,8 @@ def main() -> None:
     if args.quick:
         notes.append("--quick: shorter runs and fewer repeats; a smoke test, not a result.")
     specs: list[dict[str, Any]] = []
-    for block in [b.strip() for b in args.blocks.split(",") if b.strip()]:
+    blocks = [b.strip() for b in args.blocks.split(",") if b.strip()]
+    for block in blocks:
         if block == "gpu" and not cuda_available():
             notes.append("gpu: skipped, torch.cuda.is_available() is False on this machine.")
             print("gpu block skipped: no CUDA device (torch.cuda.is_available() is False)")
@@ -188,7 +240,12 @@ def main() -> None:
 
     for block in dict.fromkeys(s["block"] for s in specs):
         in_block = [s for s in specs if s["block"] == block]
-        for rep in range(repeats):
+        # A block measured inside each run (the wandb block) has fewer repeats of its own.
+        block_repeats = args.repeats or block_default_repeats(block, repeats)
+        if block_repeats != repeats:
+            notes.append(f"{block}: {block_repeats} repeats (its instrument resolves in one run).")
+        load = os.getloadavg()[0]
+        for rep in range(block_repeats):
             # ABC CBA ABC...: load drifts hit every contender alike, and none always runs first.
             for s in in_block if rep % 2 == 0 else in_block[::-1]:
                 r = run_one(s, args.threads, args.timeout)
@@ -199,7 +256,14 @@ def main() -> None:
                     else f"fit {r['fit']:.3f}s loop {r['loop']:.3f}s cpu {r['loop_cpu']:.3f}s"
                     f" process {r['process']:.3f}s"
                 )
-                print(f"[{block} {rep + 1}/{repeats}] {s['name']:<18} {shown}", flush=True)
+                print(f"[{block} {rep + 1}/{block_repeats}] {s['name']:<18} {shown}", flush=True)
+        if block == "wandb":
+            # The in-run instrument's logging steps stretch more than other steps when other
+            # processes want the cores: the load says how far to trust a run.
+            notes.append(
+                f"wandb: load average {load:.2f} at the block's start, {os.getloadavg()[0]:.2f} at"
+                f" its end, on {os.cpu_count()} cores."
+            )
 
     rows = summarize(specs, runs)
     checks = targets(rows, args.clock)
@@ -213,6 +277,8 @@ def main() -> None:
         "notes": notes,
     }
     text = markdown(rows, checks, meta)
+    if "wandb" in blocks:
+        text += "\n" + truth_table(args.threads, args.timeout)
     print()
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

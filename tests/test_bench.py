@@ -199,3 +199,71 @@ def test_the_fsdp_target_is_its_in_run_ab_with_its_standard_error():
     # A failed run (bench_fsdp.py exited) is shown, not passed.
     rows = [{"block": "fsdp", "name": "monitor_ab", "error": "exit 1: gloo", "n": 0}]
     assert {n: (ok, d) for n, ok, d in bench.targets(rows)}[name] == (None, "exit 1: gloo")
+
+
+def test_logging_excess_finds_the_logging_steps_cost_and_reads_zero_elsewhere():
+    from bench_parts.contender.steps import logging_excess
+
+    # 1 ms steps; every logging step (49, 99, ...) 3 ms more, the step after it 1 ms more (a
+    # writer thread's work landing late); a preempted step in one logging window and in one
+    # control window (25 steps later) alike: the control takes it out of the mean.
+    times = [1e-3] * 1000
+    for s in range(49, 1000, 50):
+        times[s] += 3e-3
+        if s + 1 < 1000:
+            times[s + 1] += 1e-3
+    times[451] += 0.05
+    times[476] += 0.05
+    got = logging_excess(times, every=50, window=5)
+    assert got["logging_steps"] == 18  # the first logging step and the last window left out
+    assert got["extra_ms"] == pytest.approx(4.0)  # the trimmed means leave both out
+    assert got["median_ms"] == pytest.approx(4.0)
+    assert got["control_ms"] == pytest.approx(0.0)
+    assert got["by_offset_ms"][:2] == pytest.approx([3.0, 1.0])
+    assert got["extra_pct"] == pytest.approx(100 * 4e-3 / (50 * 1e-3))
+
+
+def wandb_block(extra, cpu, others):
+    """Rows of the wandb block's xor task: in-run extras (ms; process CPU as wall), the CPU of
+    all processes by round, and the other processes' CPU (s) over 1000 steps."""
+    names = ("tb", "gw_all", "gw_all_lib", "wandb", "watch")
+    specs = [spec("wandb", f"xor_{n}", "xor_tb") for n in names]
+    runs = {}
+    for n in names:
+        steps = {"extra_ms": extra[n], "spread_ms": 0.1, "median_ms": extra[n]}
+        steps |= {"control_ms": 0.0, "median_step_ms": 1.0, "extra_pct": 1.0}
+        steps |= {"logging_steps": 18, "by_offset_ms": [extra[n], 0.0]}
+        runs[f"wandb/xor_{n}"] = [
+            {
+                **run(1.0),
+                "steps": 1000,
+                "steps_wall": steps,
+                "steps_process_cpu": steps,
+                "cpu_main": c,
+                "cpu_others": others[n],
+                "cpu_all": c + others[n],
+            }
+            for c in cpu[n]
+        ]
+    return bench.summarize(specs, runs)
+
+
+def test_wandb_targets_compare_each_tool_over_its_own_logger():
+    extra = {"tb": 1.0, "gw_all": 3.5, "gw_all_lib": 5.0, "wandb": 1.5, "watch": 4.5}
+    # wandb's service: 0.02 s over 20 logging steps alone (1 ms each), 0.06 s with watch (3 ms).
+    others = {"tb": 0.0, "gw_all": 0.0, "gw_all_lib": 0.0, "wandb": 0.02, "watch": 0.06}
+    cpu = {n: [1.0, 3.0, 1.0] for n in extra}
+    checks = {
+        name: (ok, detail) for name, ok, detail in bench.targets(wandb_block(extra, cpu, others))
+    }
+    line = "wandb, xor: at equal work, extra wall time per logging step over the logger's own"
+    ok, detail = checks[f"{line} (in-run), gradwatch (command line) <= wandb.watch"]
+    assert ok and detail.startswith("gradwatch 2.50 ms") and "wandb.watch 3.00 ms" in detail
+    ok, detail = checks[f"{line} (in-run), gradwatch (library) <= wandb.watch"]
+    assert ok is False and detail.startswith("gradwatch 4.00 ms")
+    line = "wandb, xor: at equal work, CPU of all processes per logging step over the logger's own"
+    ok, detail = checks[f"{line}, gradwatch (command line) < wandb.watch"]
+    # wandb.watch: 3.0 ms in the training process + 2.0 ms more in its service.
+    assert ok and detail.startswith("gradwatch 2.50 ms, wandb.watch 5.00 ms")
+    ok, detail = checks[f"{line}, gradwatch (library) < wandb.watch"]
+    assert ok and detail.startswith("gradwatch 4.00 ms")

@@ -163,6 +163,8 @@ def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, 
                 out.append(("gpu: no host sync on steps that write nothing", ok, detail))
     out += activation_targets(by, clock)
     out += fsdp_targets(by)
+    for task in ("xor", "mid"):
+        wandb_targets(by, task, out, ratio)
     if any(r["block"] == "depth" for r in rows):
 
         def over(d: int) -> float | None:
@@ -229,6 +231,85 @@ def fsdp_targets(by: dict[tuple[str, str], dict[str, Any]]) -> list[tuple]:
     return [(name, value < 3, detail)]
 
 
+def monitoring_cpu_ms(row: dict[str, Any], every: int = 50) -> float:
+    """CPU of every process per logging step, in ms: the training process's extra over its median
+    step (in-run, all its threads), and the other processes' CPU over the run (wandb's service;
+    TensorBoard has none) shared over its logging steps."""
+    logging_steps = max(1, row.get("steps", 0) // every)
+    return row["steps_process_cpu"]["extra_ms"] + 1e3 * row["cpu_others_s"] / logging_steps
+
+
+def wandb_targets(by: dict, task: str, out: list, ratio: Any) -> None:
+    """The wandb block's targets on one task, at equal work (every gradient and weight histogram
+    every 50 steps), each tool over its own logger alone: gradwatch's extra wall time per logging
+    step at most wandb.watch's, and its CPU of all processes per logging step lower. gradwatch
+    both as its command line writes TensorBoard (C checksums) and as a library (TensorBoard's)."""
+    names = ("tb", "gw_all", "gw_all_lib", "wandb", "watch")
+    rows = {n: by.get(("wandb", f"{task}_{n}")) for n in names}
+    if any(r is None or "steps_process_cpu" not in r for r in rows.values()):
+        return
+    extra = {n: r["steps_wall"]["extra_ms"] for n, r in rows.items()}
+    cpu = {n: monitoring_cpu_ms(r) for n, r in rows.items()}
+    service = {n: cpu[n] - rows[n]["steps_process_cpu"]["extra_ms"] for n in ("watch", "wandb")}
+    wb, wb_cpu = extra["watch"] - extra["wandb"], cpu["watch"] - cpu["wandb"]
+    for gw_name, how in (("gw_all", "command line"), ("gw_all_lib", "library")):
+        gw, gw_cpu = extra[gw_name] - extra["tb"], cpu[gw_name] - cpu["tb"]
+        out.append(
+            (
+                f"wandb, {task}: at equal work, extra wall time per logging step over the"
+                f" logger's own (in-run), gradwatch ({how}) <= wandb.watch",
+                gw <= wb,
+                f"gradwatch {gw:.2f} ms (with TensorBoard {extra[gw_name]:.2f}, TensorBoard alone"
+                f" {extra['tb']:.2f}), wandb.watch {wb:.2f} ms (with WandbLogger"
+                f" {extra['watch']:.2f}, WandbLogger alone {extra['wandb']:.2f})",
+            )
+        )
+        out.append(
+            (
+                f"wandb, {task}: at equal work, CPU of all processes per logging step over the"
+                f" logger's own, gradwatch ({how}) < wandb.watch",
+                gw_cpu < wb_cpu,
+                f"gradwatch {gw_cpu:.2f} ms, wandb.watch {wb_cpu:.2f} ms (wandb's other"
+                f" processes {service['watch']:.2f} ms with watch, {service['wandb']:.2f} ms"
+                " without)",
+            )
+        )
+    run_cpu = ratio("wandb", f"{task}_gw_all", f"{task}_watch", "cpu_all_s")
+    if run_cpu is not None:
+        out.append(
+            (
+                f"wandb, {task}, for scale: CPU of all processes, first step to the run's end,"
+                " gradwatch + TensorBoard / wandb.watch + WandbLogger (run against run)",
+                None,
+                f"{run_cpu:.3g}x (medians {rows['gw_all']['cpu_all_s']:.2f} s and"
+                f" {rows['watch']['cpu_all_s']:.2f} s: the steps' own work, which run against"
+                " run swamps the monitoring's)",
+            )
+        )
+
+
+def steps_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The in-run instrument's table (`bench_parts.contender.steps`), for rows that have it."""
+    lines = [
+        "| contender | extra wall per logging step, ms | ± | median window | control | by run"
+        " | training process CPU, ms | of it the training thread | other processes, ms"
+        " | median step, ms | run CPU, all processes, s |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    nan = float("nan")
+    for r in rows:
+        w, t = r["steps_wall"], r.get("steps_thread_cpu", {})
+        pc = r.get("steps_process_cpu", {})
+        others = 1e3 * r.get("cpu_others_s", nan) / max(1, r.get("steps", 0) // 50)
+        lines.append(
+            f"| {r['label']} | {w['extra_ms']:.2f} | {w['spread_ms']:.2f} | {w['median_ms']:.2f}"
+            f" | {w['control_ms']:.2f} | {', '.join(f'{v:.2f}' for v in w['extra_ms_runs'])}"
+            f" | {pc.get('extra_ms', nan):.2f} | {t.get('extra_ms', nan):.2f} | {others:.2f}"
+            f" | {w['median_step_ms']:.3f} | {r.get('cpu_all_s', nan):.2f} |"
+        )
+    return lines
+
+
 def markdown(rows: list[dict[str, Any]], checks: list, meta: dict[str, Any]) -> str:
     lines = [
         f"Machine: {meta['machine']}",
@@ -253,6 +334,9 @@ def markdown(rows: list[dict[str, Any]], checks: list, meta: dict[str, Any]) -> 
             note = " (failed)" if r["n"] == 0 else ""
             lines.append(f"| {r['label']}{note} | " + " | ".join(cells) + " |")
         lines.append("")
+        stepped = [r for r in rows if r["block"] == block and "steps_wall" in r]
+        if stepped:
+            lines += [f"In-run instrument ({block}):", "", *steps_table(stepped), ""]
     lines += ["### targets", ""]
     for name, ok, detail in checks:
         verdict = "PASS" if ok else "FAIL" if ok is False else "N/A"

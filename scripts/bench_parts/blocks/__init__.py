@@ -7,7 +7,7 @@ the runner gets) and baseline (the name, in the same block, its ratios are again
 import importlib
 from typing import Any
 
-BLOCKS = ("tutorial", "mid", "depth", "gpu")
+BLOCKS = ("tutorial", "mid", "depth", "gpu", "wandb")
 # Selectable with --blocks, not run by default: diagnostics rather than results (ablation), and
 # a block that takes every core of a 2-core machine (fsdp).
 EXTRA_BLOCKS = ("ablation", "fsdp")
@@ -20,6 +20,13 @@ def contenders(block: str, quick: bool, notes: list[str]) -> list[dict[str, Any]
             f"--blocks: unknown block {block!r}; choose from {', '.join(BLOCKS + EXTRA_BLOCKS)}"
         )
     return importlib.import_module(f"{__name__}.{block}").contenders(quick, notes)
+
+
+def block_default_repeats(block: str, repeats: int) -> int:
+    """The block's own number of repeats when `--repeats` is not given (its module's REPEATS),
+    else the run's; never more than the run's (`--quick`'s 2 stay 2)."""
+    own = getattr(importlib.import_module(f"{__name__}.{block}"), "REPEATS", repeats)
+    return min(own, repeats)
 
 
 class Specs(list[dict[str, Any]]):

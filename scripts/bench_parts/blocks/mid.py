@@ -1,6 +1,6 @@
 """The mid block: an MLP of 784-128-128-10 on 60,000 rows (MNIST's size, synthetic), with no
-monitor, GradientMonitor at its defaults and at heavier settings, Lightning's grad_norm recipe,
-wandb.watch where it is installed, and the monitor's overhead side by side inside one run (see
+monitor, GradientMonitor at its defaults and at heavier settings, Lightning's grad_norm recipe
+(wandb.watch is the wandb block's), and the monitor's overhead side by side inside one run (see
 `Interleaver`). The gpu block is the same on CUDA."""
 
 from typing import Any
@@ -111,20 +111,4 @@ def contenders(quick: bool, notes: list[str], block: str = "mid", device: str = 
         },
         "none",
     )
-    try:
-        import importlib.util
-
-        has_wandb = importlib.util.find_spec("wandb") is not None
-    except ValueError:
-        has_wandb = False
-    if has_wandb:
-        specs.add(
-            "wandb",
-            "wandb.watch offline (all, every 50)",
-            "monitored",
-            {**mid, "kind": "wandb"},
-            "none",
-        )
-    else:
-        notes.append(f"{block}: wandb is not installed; the wandb.watch contender is skipped.")
     return specs
