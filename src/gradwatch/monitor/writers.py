@@ -1,25 +1,35 @@
 """Where the monitor's values go: every logger in ``trainer.loggers``.
 
-TensorBoard gets all of a step's scalars as one event and all of its histograms as another (one
-record and one checksum each): its logger's ``log_metrics`` writes one event per scalar, which
-costs more than computing the norms. Every other logger gets ``log_metrics``.
+TensorBoard gets all of a step's scalars as one event and all of its histograms as another:
+its logger's ``log_metrics`` writes one event per scalar, which costs more than computing the
+norms. Every other logger gets ``log_metrics``.
 
-Many steps at once (``every_step``'s steps since the last logging step) are appended to the run's
-event file in one write, framed as TensorBoard frames them: its writer opens and closes the file
-for every record and checksums it in pure Python, in its writer thread, behind a queue of ten, so
-that fifty events in a row hold up the training loop for about as long as fifty steps' norms.
+The monitor's events are appended to the run's event file (the TensorBoard logger's own) in one
+write per logging step, framed as TensorBoard frames them, with the record checksums of
+``google-crc32c``'s C extension (a dependency). TensorBoard's writer computes them in pure Python
+in its writer thread, holding the GIL: about 0.2 us a byte, 1 to 3 ms for a histogram event,
+which the training loop waits for; and it opens and closes the file for every record, behind a
+queue of ten, so that every_step's fifty events in a row would hold up the loop for about as long
+as fifty steps' norms. What the writer has queued is written first, so every tag's steps stay in
+order. Where the file is not local or the C checksum is missing, events go through the writer.
+Nothing of TensorBoard's is changed: other writers in the process keep their own checksums.
 """
 
 import functools
 import math
 import struct
+import time
 
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
 from gradwatch.monitor.alerts import Alert
 from gradwatch.monitor.histograms import Histogram
 from gradwatch.overhead import masked_crc32c
+
+# A step's scalars: (step, wall time, metrics for every logger, TensorBoard-only values).
+ScalarStep = tuple[int, float, dict[str, float], dict[str, float]]
 
 
 def write_scalars(
@@ -30,55 +40,48 @@ def write_scalars(
 ) -> None:
     """``metrics`` to every logger; ``tensorboard_only`` (the first screen's log10 copies) to
     TensorBoard, in the same event."""
-    for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):
-            _write(logger, _summary(metrics, tensorboard_only), step)
-        else:
-            logger.log_metrics(metrics, step=step)
+    write_scalar_steps(loggers, [(step, time.time(), metrics, tensorboard_only or {})])
 
 
-def write_scalar_steps(
-    loggers: list[Logger], steps: list[tuple[int, float, dict[str, float], dict[str, float]]]
-) -> None:
-    """Many steps' scalars, each ``(step, wall time, metrics, tensorboard_only)``, in order: an
-    event per step, as :func:`write_scalars` would write them one by one."""
+def write_scalar_steps(loggers: list[Logger], steps: list[ScalarStep]) -> None:
+    """Many steps' scalars in order (every_step's steps since the last logging step): an event
+    per step, in one write."""
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
-            _append(logger, steps)
+            events = [
+                scalar_event_bytes(step, wall, {**metrics, **extra})
+                for step, wall, metrics, extra in steps
+            ]
+            _append(logger, events)
         else:
             for step, _, metrics, _ in steps:
                 logger.log_metrics(metrics, step=step)
 
 
-def _summary(metrics: dict[str, float], tensorboard_only: dict[str, float] | None) -> Summary:
-    summary = Summary()
-    add = summary.value.add  # half the time of building Summary.Value objects first
-    for tag, value in metrics.items():
-        add(tag=tag, simple_value=value)
-    for tag, value in (tensorboard_only or {}).items():
-        add(tag=tag, simple_value=value)
-    return summary
-
-
-def _append(
-    logger: TensorBoardLogger, steps: list[tuple[int, float, dict[str, float], dict[str, float]]]
-) -> None:
-    """The steps' events at the end of the logger's event file, in one write, once what its
-    writer has queued is written (so that every tag's steps stay in order). Where the file is
-    not local or the C checksum is missing, through the writer, event by event."""
-    file_writer = logger.experiment._get_file_writer()
-    path = getattr(file_writer.event_writer, "_file_name", "")
-    if not path or "://" in path or not fast_checksums():
-        for step, wall, metrics, extra in steps:
-            file_writer.add_summary(_summary(metrics, extra), step, wall)
-        return
-    file_writer.flush()  # its queue emptied, and its first write (which truncates) done
-    records = [
-        _record(scalar_event_bytes(step, wall, {**metrics, **extra}))
-        for step, wall, metrics, extra in steps
+def write_histograms(logger: TensorBoardLogger, hists: list[Histogram], step: int) -> None:
+    values = [
+        Summary.Value(
+            tag=h.tag,
+            histo=HistogramProto(
+                min=h.min,
+                max=h.max,
+                num=h.num,
+                sum=h.sum,
+                sum_squares=h.sum_squares,
+                bucket_limit=h.bucket_limit,
+                bucket=h.bucket,
+            ),
+        )
+        for h in hists
     ]
-    with open(path, "ab") as f:
-        f.write(b"".join(records))
+    event = Event(wall_time=time.time(), step=step, summary=Summary(value=values))
+    _append(logger, [event.SerializeToString()])
+
+
+def write_alert(logger: TensorBoardLogger, alert: Alert) -> None:
+    """An alert in TensorBoard's Text tab, under ``alerts``: its kind, the diagnosis, the fix."""
+    fix = f" Fix: {alert.fix}" if alert.fix else ""
+    logger.experiment.add_text("alerts", f"**{alert.kind}**: {alert.message}.{fix}", alert.step)
 
 
 def scalar_event_bytes(step: int, wall_time: float, values: dict[str, float]) -> bytes:
@@ -91,6 +94,38 @@ def scalar_event_bytes(step: int, wall_time: float, values: dict[str, float]) ->
     return (
         b"\x09" + struct.pack("<d", wall_time) + step_field + b"\x2a" + _varint(len(summary))
     ) + summary
+
+
+def _append(logger: TensorBoardLogger, events: list[bytes]) -> None:
+    """Serialized events at the end of the logger's event file, in one write (see above)."""
+    file_writer = logger.experiment._get_file_writer()
+    path = getattr(file_writer.event_writer, "_file_name", "")
+    if not path or "://" in path or not fast_checksums():
+        for data in events:
+            event = Event.FromString(data)
+            file_writer.add_event(event, event.step, event.wall_time)
+        return
+    file_writer.flush()  # its queue written, its first write (which truncates the file) done
+    with open(path, "ab") as f:
+        f.write(b"".join(_record(data) for data in events))
+
+
+def _record(data: bytes) -> bytes:
+    """One TFRecord: the length, its masked CRC32C, the data, its masked CRC32C (TensorBoard's
+    RecordWriter)."""
+    header = struct.pack("<Q", len(data))
+    crcs = struct.pack("<I", masked_crc32c(header)), struct.pack("<I", masked_crc32c(data))
+    return header + crcs[0] + data + crcs[1]
+
+
+@functools.cache
+def fast_checksums() -> bool:
+    """Whether ``google-crc32c`` has its C extension here."""
+    try:
+        import google_crc32c
+    except ImportError:
+        return False
+    return google_crc32c.implementation == "c"
 
 
 @functools.lru_cache(maxsize=4096)
@@ -117,49 +152,3 @@ def _varint(n: int) -> bytes:
         n >>= 7
     out.append(n)
     return bytes(out)
-
-
-def _record(data: bytes) -> bytes:
-    """One TFRecord: length, its masked CRC32C, the data, its masked CRC32C (TensorBoard's
-    RecordWriter)."""
-    header = struct.pack("<Q", len(data))
-    crcs = struct.pack("<I", masked_crc32c(header)), struct.pack("<I", masked_crc32c(data))
-    return header + crcs[0] + data + crcs[1]
-
-
-def fast_checksums() -> bool:
-    """Whether ``google-crc32c`` (a dependency) has its C extension here."""
-    try:
-        import google_crc32c
-    except ImportError:
-        return False
-    return google_crc32c.implementation == "c"
-
-
-def write_histograms(logger: TensorBoardLogger, hists: list[Histogram], step: int) -> None:
-    values = [
-        Summary.Value(
-            tag=h.tag,
-            histo=HistogramProto(
-                min=h.min,
-                max=h.max,
-                num=h.num,
-                sum=h.sum,
-                sum_squares=h.sum_squares,
-                bucket_limit=h.bucket_limit,
-                bucket=h.bucket,
-            ),
-        )
-        for h in hists
-    ]
-    _write(logger, Summary(value=values), step)
-
-
-def write_alert(logger: TensorBoardLogger, alert: Alert) -> None:
-    """An alert in TensorBoard's Text tab, under ``alerts``: its kind, the diagnosis, the fix."""
-    fix = f" Fix: {alert.fix}" if alert.fix else ""
-    logger.experiment.add_text("alerts", f"**{alert.kind}**: {alert.message}.{fix}", alert.step)
-
-
-def _write(logger: TensorBoardLogger, summary: Summary, step: int) -> None:
-    logger.experiment._get_file_writer().add_summary(summary, step)
