@@ -435,7 +435,7 @@ class GradientMonitor(Callback):
         if recorded is None or not self._spikes.skip:
             return
         n = len(recorded.grad_names)
-        total = torch.linalg.vector_norm(stats.concat(recorded.norms[:n]).double())  # L2 first
+        total = torch.linalg.vector_norm(recorded.norms[:n].double())  # L2 comes first
         if recorded.scale is not None:
             total = total / recorded.scale.double()
         if self._spikes.should_skip(recorded.step, recorded.optimizer_index, total):
