@@ -703,11 +703,11 @@ class GradientMonitor(Callback):
         return found, alerts
 
     def _spike_scalars(self, step: int, found: dict[int, dict[str, float]]) -> dict[str, float]:
-        """``spike/<quantity>`` (the robust z-score) at a spike's step; under ``skip``, the
-        count of skipped steps so far at each step that skipped."""
+        """``spike/<quantity>`` (the robust z-score) at a spike's step; under ``skip``, at each
+        step that skipped, how many were skipped up to it."""
         out = {f"spike/{quantity}": z for quantity, z in found.get(step, {}).items()}
         if self._spikes.skip and "grad_norm" in found.get(step, {}):
-            out["spike/skipped_steps"] = float(self._spikes.skipped_total)
+            out["spike/skipped_steps"] = float(self._spikes.skipped_by(step))
         return out
 
     def _with_spikes(self, events: list, found: dict[int, dict[str, float]]) -> Iterator:

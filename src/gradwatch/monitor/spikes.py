@@ -26,6 +26,7 @@ on the host for ``on_spike="warn"``, and every step on the device for ``on_spike
 must know before the optimizer steps.
 """
 
+import bisect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -96,8 +97,7 @@ class SpikeWatch:
         self.rule = rule
         self.skip = skip
         self.before = torch.empty(2, 0, dtype=torch.float64)
-        self.skipped_total = 0
-        self._skipped: set[int] = set()  # steps skipped since the last observe
+        self.skipped: list[int] = []  # the steps skipped, in order
         self._skip_before: dict[int, Tensor] = {}  # per optimizer: log norms, on the device
         self._last_flagged: dict[str, int] = {}  # per quantity: for episodes of adjacent steps
 
@@ -109,8 +109,7 @@ class SpikeWatch:
         flags, _, _ = check(before, value, self.rule)
         self._skip_before[optimizer_index] = kept(before, value, self.rule)
         if bool(flags):  # the read
-            self._skipped.add(step)
-            self.skipped_total += 1
+            self.skipped.append(step)
             return True
         return False
 
@@ -131,8 +130,8 @@ class SpikeWatch:
         flags, z, median = check(self.before, values, self.rule)
         self.before = kept(self.before, values, self.rule)
         if self.skip:
-            flags[0] = torch.tensor([s in self._skipped for s in steps])
-            self._skipped -= set(steps)
+            skipped = set(self.skipped[-len(steps) :])
+            flags[0] = torch.tensor([s in skipped for s in steps])
         found: dict[int, dict[str, float]] = {}
         alerts = []
         for row, col in flags.nonzero().tolist():
@@ -158,6 +157,10 @@ class SpikeWatch:
                     return True
                 previous = value
         return False
+
+    def skipped_by(self, step: int) -> int:
+        """How many steps were skipped up to ``step``, that one included."""
+        return bisect.bisect_right(self.skipped, step)
 
     def _alert(self, step: int, quantity: str, value: float, typical: float, z: float) -> Alert:
         what = "total gradient norm" if quantity == "grad_norm" else "loss"
@@ -185,13 +188,13 @@ class SpikeWatch:
     def state_dict(self) -> dict[str, Any]:
         return {
             "before": self.before.tolist(),
-            "skipped_total": self.skipped_total,
+            "skipped": list(self.skipped),
             "last_flagged": dict(self._last_flagged),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.before = torch.tensor(state["before"], dtype=torch.float64).reshape(2, -1)
-        self.skipped_total = int(state["skipped_total"])
+        self.skipped = [int(s) for s in state["skipped"]]
         self._last_flagged = dict(state["last_flagged"])
 
 

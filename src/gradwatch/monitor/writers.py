@@ -46,6 +46,8 @@ def write_scalars(
 def write_scalar_steps(loggers: list[Logger], steps: list[ScalarStep]) -> None:
     """Many steps' scalars in order (every_step's steps since the last logging step): an event
     per step, in one write."""
+    if not steps:
+        return
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             events = [
