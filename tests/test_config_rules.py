@@ -127,6 +127,11 @@ BAD: dict[str, list[Any]] = {
     "callbacks.gradient_monitor.saturated_fraction": [-0.5],
     "callbacks.gradient_monitor.symmetric_fraction": [2],
     "callbacks.gradient_monitor.activation_patience": [0],
+    "callbacks.gradient_monitor.every_step": ["always"],
+    "callbacks.gradient_monitor.on_spike": ["ignore"],
+    "callbacks.gradient_monitor.spike_window": [2],
+    "callbacks.gradient_monitor.spike_sigma": [0],
+    "callbacks.gradient_monitor.spike_factor": [1],
     # callbacks/console.yaml
     "callbacks.console._target_": ["gradwatch.console.NoSuchCallback"],
     "callbacks.console.print_every": [-1, 2.5],
