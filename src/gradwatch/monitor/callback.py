@@ -5,7 +5,7 @@ delegated: statistics on the device (``stats``), histograms (``histograms``), ta
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,13 +26,14 @@ from gradwatch.monitor.every_step import (
     StepBuffer,
     StepRecord,
     StepValues,
-    step_events,
+    checked_events,
 )
 from gradwatch.monitor.fresh import FreshGradients
 from gradwatch.monitor.health import Health, Observation, Thresholds, format_table
 from gradwatch.monitor.names import Tags, optimizer_params, parameter_names, stored_values
 from gradwatch.monitor.scalars import step_scalars
 from gradwatch.monitor.stats import Measurement
+from gradwatch.monitor.writers import ScalarStep
 
 # Strategies that shard parameters in ways the monitor cannot combine (flat parameters, ZeRO
 # partitions): each rank's gradients are a slice of the model's, and norms of a slice are not the
@@ -631,8 +632,7 @@ class GradientMonitor(Callback):
                 trainer.should_stop = True
         else:
             alerts = []
-        totals, events = self._step_events(trainer, steps)
-        found, spike_alerts = self._check_spikes(steps, totals)
+        events, found, spike_alerts = self._every_step_events(trainer, steps)
         alerts += spike_alerts
         hists = []
         if jobs_tensors and self._tb is not None and (self._sharded or trainer.is_global_zero):
@@ -652,13 +652,13 @@ class GradientMonitor(Callback):
             return
         self._raise_alerts(alerts)
         # Every step's events but this one's, which is written in full below.
-        events = [e for e in self._with_spikes(events, found) if e[0] != self._step]
+        events = [e for e in events if e[0] != self._step]
         writers.write_scalar_steps(trainer.loggers, events)
         if self._write_scalars:
             for layer, values in activation_stats.items():
                 for stat in STATS[1:]:
                     scalars.metrics[f"activation/{stat}/{layer}"] = values[stat]
-            scalars.metrics.update(self._spike_scalars(self._step, found))
+            scalars.metrics.update(self._spikes.tags(self._step, found))
             log10 = first_screen.log10_scalars(scalars.layer_norms, scalars.update_ratios)
             writers.write_scalars(trainer.loggers, scalars.metrics, self._step, log10)
         if hists:
@@ -675,47 +675,24 @@ class GradientMonitor(Callback):
         else:
             host = stats.to_host([t for t, _ in parts])
         steps = self._buffer.read(host, self._sharded)
-        totals, events = self._step_events(trainer, steps)
-        found, alerts = self._check_spikes(steps, totals)
+        events, _, alerts = self._every_step_events(trainer, steps)
         if not trainer.is_global_zero:
             return
         self._raise_alerts(alerts)
-        writers.write_scalar_steps(trainer.loggers, list(self._with_spikes(events, found)))
+        writers.write_scalar_steps(trainer.loggers, events)
 
-    def _step_events(
+    def _every_step_events(
         self, trainer: "pl.Trainer", steps: list[StepValues]
-    ) -> tuple[list[float], list]:
-        """every_step: each step's scalars and event (:func:`every_step.step_events`)."""
-        return step_events(steps, self._tags, self.norm_types, len(trainer.optimizers))
-
-    def _check_spikes(
-        self, steps: list[StepValues], totals: list[float]
-    ) -> tuple[dict[int, dict[str, float]], list[Alert]]:
-        """The spikes among every_step's steps (z-scores by step and quantity) and their alerts,
-        recorded with the others (``gradients.json``)."""
-        if not steps or self.on_spike == "off":
-            return {}, []
-        found, alerts = self._spikes.observe(
-            [sv.step for sv in steps], totals, [sv.loss for sv in steps]
+    ) -> tuple[list[ScalarStep], dict[int, dict[str, float]], list[Alert]]:
+        """every_step: each step's event, its spikes, and their alerts, recorded with the others
+        (``gradients.json``)."""
+        spikes_ = None if self.on_spike == "off" else self._spikes
+        events, found, alerts = checked_events(
+            steps, self._tags, self.norm_types, len(trainer.optimizers), spikes_
         )
         for alert in alerts:
             self.health.add(alert)
-        return found, alerts
-
-    def _spike_scalars(self, step: int, found: dict[int, dict[str, float]]) -> dict[str, float]:
-        """``spike/<quantity>`` (the robust z-score) at a spike's step; under ``skip``, at each
-        step that skipped, how many were skipped up to it."""
-        out = {f"spike/{quantity}": z for quantity, z in found.get(step, {}).items()}
-        if self._spikes.skip and "grad_norm" in found.get(step, {}):
-            out["spike/skipped_steps"] = float(self._spikes.skipped_by(step))
-        return out
-
-    def _with_spikes(self, events: list, found: dict[int, dict[str, float]]) -> Iterator:
-        """The events, the spike tags added to those of spike steps."""
-        for step, wall, metrics, log10 in events:
-            if step in found:
-                metrics = {**metrics, **self._spike_scalars(step, found)}
-            yield step, wall, metrics, log10
+        return events, found, alerts
 
     def _raise_alerts(self, alerts: list[Alert]) -> None:
         for alert in alerts:

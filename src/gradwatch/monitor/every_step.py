@@ -20,9 +20,11 @@ import torch
 from torch import Tensor
 
 from gradwatch.monitor import first_screen, sharded
+from gradwatch.monitor.alerts import Alert
 from gradwatch.monitor.names import TOTAL, TOTAL_CLIPPED, Tags, stored_values
 from gradwatch.monitor.scalars import family, step_scalars
 from gradwatch.monitor.sharded import Across
+from gradwatch.monitor.spikes import SpikeWatch
 from gradwatch.monitor.stats import (
     HostValues,
     combine,
@@ -31,6 +33,7 @@ from gradwatch.monitor.stats import (
     grouped,
     total_norm,
 )
+from gradwatch.monitor.writers import ScalarStep
 
 
 @dataclass(slots=True)
@@ -202,9 +205,30 @@ def _layout(
     return [names[i] for i in order], order, plain
 
 
+def checked_events(
+    steps: list[StepValues],
+    tags: Tags,
+    norm_types: list[float],
+    num_optimizers: int,
+    spikes: SpikeWatch | None,
+) -> tuple[list[ScalarStep], dict[int, dict[str, float]], list[Alert]]:
+    """Each step's event (:func:`step_events`) with the tags of its spikes, where ``spikes``
+    checks them; the spikes found (robust z-scores by step and quantity) and their alerts."""
+    totals, events = step_events(steps, tags, norm_types, num_optimizers)
+    if spikes is None or not steps:
+        return events, {}, []
+    losses = [sv.loss for sv in steps]
+    found, alerts = spikes.observe([sv.step for sv in steps], totals, losses)
+    events = [
+        (step, wall, {**metrics, **spikes.tags(step, found)} if step in found else metrics, log10)
+        for step, wall, metrics, log10 in events
+    ]
+    return events, found, alerts
+
+
 def step_events(
     steps: list[StepValues], tags: Tags, norm_types: list[float], num_optimizers: int
-) -> tuple[list[float], list[tuple[int, float, dict[str, float], dict[str, float]]]]:
+) -> tuple[list[float], list[ScalarStep]]:
     """Each step's total L2 norm (what spikes read) and its event for
     :func:`gradwatch.monitor.writers.write_scalar_steps`: the metrics a logging step would write
     for these norms (:func:`step_scalars`'s) and the first screen's log10 copies."""

@@ -158,9 +158,13 @@ class SpikeWatch:
                 previous = value
         return False
 
-    def skipped_by(self, step: int) -> int:
-        """How many steps were skipped up to ``step``, that one included."""
-        return bisect.bisect_right(self.skipped, step)
+    def tags(self, step: int, found: dict[int, dict[str, float]]) -> dict[str, float]:
+        """``spike/<quantity>`` (the robust z-score) at a spike's step; under ``skip``, at each
+        step that skipped, how many were skipped up to it."""
+        out = {f"spike/{quantity}": z for quantity, z in found.get(step, {}).items()}
+        if self.skip and "spike/grad_norm" in out:
+            out["spike/skipped_steps"] = float(bisect.bisect_right(self.skipped, step))
+        return out
 
     def _alert(self, step: int, quantity: str, value: float, typical: float, z: float) -> Alert:
         what = "total gradient norm" if quantity == "grad_norm" else "loss"
