@@ -139,6 +139,16 @@ def targets(rows: list[dict[str, Any]], clock: str = "wall") -> list[tuple[str, 
             "every_step_ab",
             5,
         )
+        floor = by.get((block, "norms_only_ab"), {}).get("interleaved_pct")
+        if floor is not None:
+            out.append(
+                (
+                    f"{block}, for scale: every step's gradient norms alone (in-run A/B)",
+                    None,
+                    f"{floor:.3g}%: a Callback that only takes the norms every_step takes (one"
+                    " foreach kernel and a stack per step), every_step's floor",
+                )
+            )
         check(
             f"{block}: recipe / monitor defaults (loop)",
             ratio(block, "recipe", "monitor", loop_m),

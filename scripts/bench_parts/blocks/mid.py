@@ -92,6 +92,23 @@ def contenders(quick: bool, notes: list[str], block: str = "mid", device: str = 
         },
         "none",
     )
+    # What every_step cannot go below: its norms alone, every step, by the same turns.
+    specs.add(
+        "norms_only_ab",
+        "every step's gradient norms alone (a Callback of one foreach kernel), in and out by turns",
+        "monitored",
+        {
+            **ab,
+            "kind": "none",
+            "interleave": {
+                "block": 50,
+                "hist_every": 0,
+                "norms_only": True,
+                "epoch_steps": epoch_steps,
+            },
+        },
+        "none",
+    )
     # The activation statistics alone: the monitor in every block, its activation statistics on
     # and off by the same turns (see ActivationInterleaver); twice the A/B's steps again, since
     # the difference to resolve is a fraction of a percent.

@@ -81,6 +81,7 @@ class Interleaver:
         block: int,
         hist_every: int,
         noop: bool = False,
+        norms_only: bool = False,
         epoch_steps: int = 0,
         checkpoint_every: int = 0,
     ) -> None:
@@ -94,11 +95,15 @@ class Interleaver:
         self.checkpoint_every = checkpoint_every
         # noop: a Callback that does nothing takes the monitor's place, in and out by the same
         # turns: what Lightning's dispatch of any callback's hooks costs.
+        # norms_only: a Callback that takes every step's gradient norms as every_step does (one
+        # foreach kernel, stacked on the device) and nothing else: every_step's floor.
         self.monitor: Any = None
         if noop:
             from lightning.pytorch import Callback
 
             self.monitor = Callback()
+        elif norms_only:
+            self.monitor = _norms_only()
         self.starts: list[float] = []
         self.on: list[bool] = []
 
@@ -155,3 +160,20 @@ class Interleaver:
             without.append(times[without_])
         extra = sum(statistics.median(group) * len(group) for group in (normal, hist) if group)
         return 100 * extra / (len(normal) + len(hist)) / statistics.median(without)
+
+
+def _norms_only() -> Any:
+    import torch
+    from lightning.pytorch import Callback
+
+    class NormsOnly(Callback):
+        def __init__(self) -> None:
+            self.kept: list[Any] = []
+
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"]]
+            self.kept.append(torch.stack(torch._foreach_norm(grads, 2)))
+            if len(self.kept) == 50:  # what every_step keeps until a logging step
+                self.kept = []
+
+    return NormsOnly()

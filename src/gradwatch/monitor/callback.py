@@ -223,6 +223,9 @@ class GradientMonitor(Callback):
         rule = spikes.SpikeRule(window=spike_window, sigma=spike_sigma, factor=spike_factor)
         self._spikes = spikes.SpikeWatch(rule, skip=on_spike == "skip")
         self._recorded_step: int | None = None  # the step of the batch's records, until its end
+        # every_step, per optimizer: (its param groups' count, parameters, index, itself).
+        self._stepping: dict[int, tuple[int, list[Tensor], int, Optimizer]] = {}
+        self._scaler: Any = None  # the precision plugin's GradScaler, if any
         # The alert rules check their own thresholds.
         self.health = Health(
             Thresholds(
@@ -327,6 +330,8 @@ class GradientMonitor(Callback):
                 " step) or 'off'."
             )
         self._buffer = StepBuffer(self.norm_types)
+        self._stepping = {}
+        self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._tags = Tags(list(self._names.values()), num_optimizers=len(trainer.optimizers))
         # Hooks added and removed around a compiled module's forward would recompile it at every
         # logging step: under torch.compile the hook-based statistics are off.
@@ -373,29 +378,19 @@ class GradientMonitor(Callback):
         every = self._scalar_every
         write_scalars = every > 0 and ((step + 1) % every == 0 or trainer.should_stop)
         write_hist = self._hist_every > 0 and (step + 1) % self._hist_every == 0
-        record = self.every_step and every > 0
-        if not (write_scalars or write_hist or record):
-            if self.on_nonfinite == "stop":
+        if not (write_scalars or write_hist):
+            if self.every_step and every > 0:  # every_step's common case: the norms alone
+                recorded, params = self._record(trainer, optimizer, step)
+                if self.on_nonfinite == "stop":
+                    self._track_nonfinite(params, step)
+                self._skip_if_spike(recorded, params)
+            elif self.on_nonfinite == "stop":
                 self._track_nonfinite(optimizer_params(optimizer), step)
             return  # the common case without every_step: nothing at all
+        recorded = self._record(trainer, optimizer, step)[0] if self.every_step and every else None
         params = optimizer_params(optimizer)
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        # Optimizers that unscale inside `step()` (fused ones) leave this hook scaled gradients:
-        # Lightning does not unscale them, so the values are divided by the scaler's scale.
-        scaled = scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False)
+        scale = self._scale_of(optimizer)
         index = _index_of(optimizer, trainer.optimizers)
-        scale = scaler._get_scale_async() if scaled else None
-        recorded = None
-        if record:
-            recorded = self._buffer.record(
-                step, index, params, lambda: self._param_names(params), scale
-            )
-            self._recorded_step = step if recorded is not None else self._recorded_step
-        if not (write_scalars or write_hist):
-            if self.on_nonfinite == "stop":
-                self._track_nonfinite(params, step)
-            self._skip_if_spike(recorded, params)
-            return  # every_step's common case: the norms taken, nothing more
         names = self._param_names(params)
         self._probe.detach()  # the forward is over
         self._step, self._write_scalars, self._write_hist = step, write_scalars, write_hist
@@ -405,10 +400,6 @@ class GradientMonitor(Callback):
         self._no_gradient += [
             self._tags.param(n) for n, p in zip(names, params, strict=True) if p.grad is None
         ]
-        if self._fresh.sums:
-            carried = self._fresh.carried_and_fresh(params)
-            if carried is not None:
-                self._carried.append(carried)
         self._pending.append(
             stats.measure(
                 optimizer_index=index,
@@ -424,7 +415,42 @@ class GradientMonitor(Callback):
                 scale=scale,
             )
         )
+        if self._fresh.attached:
+            carried = self._fresh.carried_and_fresh(params, self._pending[-1].norms.get(2.0))
+            if carried is not None:
+                self._carried.append(carried)
         self._skip_if_spike(recorded, params)
+
+    def _record(
+        self, trainer: "pl.Trainer", optimizer: Optimizer, step: int
+    ) -> tuple[StepRecord | None, list[Tensor]]:
+        """every_step: this step's gradient norms into the buffer (``None`` when no parameter
+        has a gradient), and the optimizer's parameters."""
+        # The optimizer's parameters and index, worked out once per optimizer (again when it
+        # gains a param group): every_step asks at every step. Frozen parameters stay in the
+        # list; the buffer passes over them.
+        known = self._stepping.get(id(optimizer))
+        if known is None or known[0] != len(optimizer.param_groups):
+            unique = {id(p): p for g in optimizer.param_groups for p in g["params"]}
+            index = _index_of(optimizer, trainer.optimizers)
+            known = (len(optimizer.param_groups), list(unique.values()), index, optimizer)
+            self._stepping[id(optimizer)] = known
+        _, params, index, _ = known
+        scale = self._scale_of(optimizer)
+        recorded = self._buffer.record(
+            step, index, params, lambda: self._param_names(params), scale
+        )
+        if recorded is not None:
+            self._recorded_step = step
+        return recorded, params
+
+    def _scale_of(self, optimizer: Optimizer) -> Tensor | None:
+        """The GradScaler's scale when ``optimizer`` unscales inside ``step()`` (fused ones):
+        Lightning leaves this hook scaled gradients, and the values are divided by it."""
+        scaler = self._scaler
+        if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+            return None
+        return scaler._get_scale_async()
 
     def _param_names(self, params: list[Tensor]) -> list[str]:
         return [self._names.get(id(p), f"param{i}") for i, p in enumerate(params)]
@@ -463,7 +489,7 @@ class GradientMonitor(Callback):
             )
             self._recorded_step = None
         if self._pending:
-            self._fresh.sums = {}  # measured: the next logging step sums its own
+            self._fresh.clear()  # measured: the next logging step follows its own
         if self.health.observed.first_loss is None and not self._read_first_loss:
             self._read_first_loss = True
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs

@@ -86,8 +86,9 @@ class StepBuffer:
         scale: Tensor | None,
     ) -> StepRecord | None:
         """The norms of ``params``' gradients at ``step`` (``names()``: the parameters' names,
-        asked for only when the set with a gradient changes); ``None`` when none has one."""
-        grads = [p.grad for p in params]
+        asked for only when the set with a gradient changes; frozen ones count as without);
+        ``None`` when none has one."""
+        grads = [p.grad if p.requires_grad else None for p in params]
         present = None  # the common case: every parameter has a gradient
         if any(g is None for g in grads):
             present = tuple(i for i, g in enumerate(grads) if g is not None)
