@@ -223,7 +223,8 @@ class GradientMonitor(Callback):
         rule = spikes.SpikeRule(window=spike_window, sigma=spike_sigma, factor=spike_factor)
         self._spikes = spikes.SpikeWatch(rule, skip=on_spike == "skip")
         self._recorded_step: int | None = None  # the step of the batch's records, until its end
-        # every_step, per optimizer: (its param groups' count, parameters, index, itself).
+        # every_step, per optimizer: (its param groups' count, parameters, index, itself: held
+        # so that its id, the key, is not reused by another).
         self._stepping: dict[int, tuple[int, list[Tensor], int, Optimizer]] = {}
         self._scaler: Any = None  # the precision plugin's GradScaler, if any
         # The alert rules check their own thresholds.
@@ -357,10 +358,7 @@ class GradientMonitor(Callback):
             if self.log_activations:
                 self._probe.detach()
                 self._probe.attach(pl_module, self._names)
-            if (
-                trainer.world_size == 1
-                and getattr(trainer.precision_plugin, "scaler", None) is None
-            ):
+            if trainer.world_size == 1 and self._scaler is None:
                 self._fresh.attach([p for opt in trainer.optimizers for p in optimizer_params(opt)])
 
     @override
@@ -378,8 +376,9 @@ class GradientMonitor(Callback):
         every = self._scalar_every
         write_scalars = every > 0 and ((step + 1) % every == 0 or trainer.should_stop)
         write_hist = self._hist_every > 0 and (step + 1) % self._hist_every == 0
+        record = self.every_step and every > 0
         if not (write_scalars or write_hist):
-            if self.every_step and every > 0:  # every_step's common case: the norms alone
+            if record:  # every_step's common case: the norms alone
                 recorded, params = self._record(trainer, optimizer, step)
                 if self.on_nonfinite == "stop":
                     self._track_nonfinite(params, step)
@@ -387,7 +386,7 @@ class GradientMonitor(Callback):
             elif self.on_nonfinite == "stop":
                 self._track_nonfinite(optimizer_params(optimizer), step)
             return  # the common case without every_step: nothing at all
-        recorded = self._record(trainer, optimizer, step)[0] if self.every_step and every else None
+        recorded = self._record(trainer, optimizer, step)[0] if record else None
         params = optimizer_params(optimizer)
         scale = self._scale_of(optimizer)
         index = _index_of(optimizer, trainer.optimizers)
@@ -580,7 +579,7 @@ class GradientMonitor(Callback):
         self._carried = []
         if carried is not None:
             parts.append((carried, sharded.norm(2.0)))
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scaler = self._scaler
         amp_scale = (
             scaler._get_scale_async() if scaler is not None and scaler.is_enabled() else None
         )

@@ -67,8 +67,8 @@ class FreshGradients:
     def carried_and_fresh(self, params: list[Tensor], norms: Tensor | None) -> Tensor | None:
         """The norms of what ``.grad`` holds beyond this step's backward, and of the backward's
         own gradient, over every parameter that has both (a 2-element tensor, no host sync).
-        ``norms``: the L2 norms of the gradients, already taken: where every parameter is clean
-        their norm is the backward's, and nothing else is computed."""
+        ``norms``: the L2 norms of the gradients, already taken: where no hook summed anything
+        to compare, ``.grad`` is the backward's own gradient and their norm is its norm."""
         with_grad = [p for p in params if p.grad is not None and p.grad.layout == torch.strided]
         pairs = [(p.grad, self.sums[id(p)]) for p in with_grad if id(p) in self.sums]
         pairs = [(g, s) for g, s in pairs if g.shape == s.shape]
@@ -77,11 +77,13 @@ class FreshGradients:
             return None
         if not pairs and norms is not None:
             fresh = norms.norm()
-            return torch.stack([torch.zeros_like(fresh, dtype=torch.float32), fresh.float()])
-        # One parameter at a time: a difference of every gradient at once would be one more copy
-        # of all of them in memory. A clean parameter carries nothing.
-        fresh = torch.stack(torch._foreach_norm([s for _, s in pairs] + clean)).norm()
+        else:  # a clean parameter's own gradient is its .grad
+            fresh = torch.stack(torch._foreach_norm([s for _, s in pairs] + clean)).norm()
         if not pairs:
-            return torch.stack([torch.zeros_like(fresh, dtype=torch.float32), fresh.float()])
-        carried = torch.stack([torch.linalg.vector_norm(g - s.to(g.dtype)) for g, s in pairs])
-        return torch.stack([carried.norm().float(), fresh.float()])
+            carried = torch.zeros_like(fresh)
+        else:
+            # One parameter at a time: a difference of every gradient at once would be one more
+            # copy of all of them in memory.
+            diffs = [torch.linalg.vector_norm(g - s.to(g.dtype)) for g, s in pairs]
+            carried = torch.stack(diffs).norm()
+        return torch.stack([carried.float(), fresh.float()])

@@ -149,7 +149,7 @@ _F32 = struct.Struct("<f").pack
 
 def _float32(value: float) -> bytes:
     try:
-        return struct.pack("<f", value)
+        return _F32(value)
     except OverflowError:  # beyond float32: infinite, as protobuf stores it
         return struct.pack("<f", math.copysign(math.inf, value))
 
