@@ -88,6 +88,8 @@ class ActivationProbe:
                 self._handles.append(sub.register_forward_pre_hook(self._hook(layer, sub)))
 
     def detach(self) -> None:
+        if not self._handles:  # every step's end: most steps had none
+            return
         for handle in self._handles:
             handle.remove()
         self._handles = []

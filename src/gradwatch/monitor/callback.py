@@ -268,7 +268,8 @@ class GradientMonitor(Callback):
         self._read_first_loss = False
         self._hooks_allowed = True
         self._fresh = FreshGradients()
-        self._carried: list[Tensor] = []  # per optimizer of the step: (carried, fresh) norms
+        # Per optimizer of the step: (carried, fresh) norms, None where nothing was carried.
+        self._carried: list[Tensor | None] = []
 
     @property
     def history(self) -> dict[str, Any]:
@@ -358,8 +359,20 @@ class GradientMonitor(Callback):
             if self.log_activations:
                 self._probe.detach()
                 self._probe.attach(pl_module, self._names)
-            if trainer.world_size == 1 and self._scaler is None:
-                self._fresh.attach([p for opt in trainer.optimizers for p in optimizer_params(opt)])
+
+    @override
+    def on_before_backward(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Tensor
+    ) -> None:
+        # The carried-gradient check follows a logging step's backward from here, after
+        # Lightning's closure (and a manual step's own code) has run zero_grad: a parameter whose
+        # .grad is None now carries nothing and needs no hook (see FreshGradients).
+        if not (self._enabled and self._hooks_allowed and self._scalar_every):
+            return
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        if (step + 1) % self._scalar_every or trainer.world_size != 1 or self._scaler is not None:
+            return
+        self._fresh.attach([p for opt in trainer.optimizers for p in optimizer_params(opt)])
 
     @override
     def on_before_optimizer_step(
@@ -415,9 +428,8 @@ class GradientMonitor(Callback):
             )
         )
         if self._fresh.attached:
-            carried = self._fresh.carried_and_fresh(params, self._pending[-1].norms.get(2.0))
-            if carried is not None:
-                self._carried.append(carried)
+            # None: nothing carried (every parameter began the step without a .grad).
+            self._carried.append(self._fresh.carried_and_fresh(params))
         self._skip_if_spike(recorded, params)
 
     def _record(
@@ -489,7 +501,7 @@ class GradientMonitor(Callback):
             self._recorded_step = None
         if self._pending:
             self._fresh.clear()  # measured: the next logging step follows its own
-        if self.health.observed.first_loss is None and not self._read_first_loss:
+        if not self._read_first_loss and self.health.observed.first_loss is None:
             self._read_first_loss = True
             loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
             # The rules measure progress from the loss at the start; the first logged one may
@@ -575,7 +587,9 @@ class GradientMonitor(Callback):
         self._probe.stats, self._probe.values = {}, {}
         # Each rank's share of dead, saturated or alike units is of its own batch: their mean.
         parts += [(a, sharded.MEAN) for a in activations.values()]
-        carried = torch.stack(self._carried).norm(dim=0) if self._carried else None
+        followed = bool(self._carried)  # the carried-gradient check ran: 0 unless measured
+        carried_pairs = [c for c in self._carried if c is not None]
+        carried = torch.stack(carried_pairs).norm(dim=0) if carried_pairs else None
         self._carried = []
         if carried is not None:
             parts.append((carried, sharded.norm(2.0)))
@@ -615,11 +629,11 @@ class GradientMonitor(Callback):
             self._tags.layer(layer): dict(zip(STATS, next(host), strict=True))
             for layer in activations
         }
-        carried_share = None
+        carried_share = 0.0 if followed else None
         if carried is not None:
             carried_norm, fresh_norm = next(host)
-            if math.isfinite(carried_norm) and math.isfinite(fresh_norm) and fresh_norm > 0:
-                carried_share = carried_norm / fresh_norm
+            ok = math.isfinite(carried_norm) and math.isfinite(fresh_norm) and fresh_norm > 0
+            carried_share = carried_norm / fresh_norm if ok else None
         amp_scale_value = next(host)[0] if amp_scale is not None else None
         steps = self._buffer.read(host, self._sharded) if buffered else []
         every_stepped = len(trainer.optimizers) <= 1 or len({i for i, _ in measured}) == len(

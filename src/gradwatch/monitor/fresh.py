@@ -4,7 +4,8 @@ Tensor hooks on the parameters, registered only for a logging step (and removed 
 up each backward's gradient of every parameter before autograd accumulates it into ``.grad``.
 When the optimizer steps, ``.grad`` should hold just that sum; what it holds beyond it was carried
 over from earlier steps: a ``zero_grad`` that never runs. A parameter whose ``.grad`` is None when
-the step begins (``zero_grad``'s default) carries nothing: it gets no hook and no copy. Single
+the step's first backward begins (``zero_grad``'s default) carries nothing: it gets no hook and no
+copy. Single
 process, without a GradScaler only: under DDP ``.grad`` is the mean over the processes, under AMP
 it is unscaled after the backward, and either differs from the backward's own gradient for
 reasons of their own.
@@ -34,7 +35,8 @@ class FreshGradients:
         return bool(self.sums or self.clean)
 
     def attach(self, params: list[Tensor]) -> None:
-        """Before a forward of the logging step (every micro-batch of an accumulated one)."""
+        """Before each backward of the logging step (every micro-batch of an accumulated one),
+        after ``zero_grad``."""
         first = not self.attached
         self.detach()
         for p in params:
@@ -46,6 +48,8 @@ class FreshGradients:
             self._handles.append(p.register_hook(self._adder(id(p))))
 
     def detach(self) -> None:
+        if not self._handles:  # every step's end: most steps had none
+            return
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -64,26 +68,20 @@ class FreshGradients:
 
         return add
 
-    def carried_and_fresh(self, params: list[Tensor], norms: Tensor | None) -> Tensor | None:
+    def carried_and_fresh(self, params: list[Tensor]) -> Tensor | None:
         """The norms of what ``.grad`` holds beyond this step's backward, and of the backward's
         own gradient, over every parameter that has both (a 2-element tensor, no host sync).
-        ``norms``: the L2 norms of the gradients, already taken: where no hook summed anything
-        to compare, ``.grad`` is the backward's own gradient and their norm is its norm."""
+        None when no hook summed anything: every parameter began the step clean (or none has a
+        gradient to compare), and nothing was carried."""
         with_grad = [p for p in params if p.grad is not None and p.grad.layout == torch.strided]
         pairs = [(p.grad, self.sums[id(p)]) for p in with_grad if id(p) in self.sums]
         pairs = [(g, s) for g, s in pairs if g.shape == s.shape]
-        clean = [p.grad for p in with_grad if id(p) in self.clean]
-        if not pairs and not clean:
-            return None
-        if not pairs and norms is not None:
-            fresh = norms.norm()
-        else:  # a clean parameter's own gradient is its .grad
-            fresh = torch.stack(torch._foreach_norm([s for _, s in pairs] + clean)).norm()
         if not pairs:
-            carried = torch.zeros_like(fresh)
-        else:
-            # One parameter at a time: a difference of every gradient at once would be one more
-            # copy of all of them in memory.
-            diffs = [torch.linalg.vector_norm(g - s.to(g.dtype)) for g, s in pairs]
-            carried = torch.stack(diffs).norm()
+            return None
+        clean = [p.grad for p in with_grad if id(p) in self.clean]  # its own gradient is .grad
+        fresh = torch.stack(torch._foreach_norm([s for _, s in pairs] + clean)).norm()
+        # One parameter at a time: a difference of every gradient at once would be one more
+        # copy of all of them in memory.
+        diffs = [torch.linalg.vector_norm(g - s.to(g.dtype)) for g, s in pairs]
+        carried = torch.stack(diffs).norm()
         return torch.stack([carried.float(), fresh.float()])
