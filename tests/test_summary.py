@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import backend_context, plugin_data_pb2
 
@@ -50,3 +51,21 @@ def test_hparams_and_final_metrics_reach_tensorboard(make_cfg, tmp_path):
         "trainer.max_epochs",
     ]
     assert {"seed", "data.name", "data.batch_size"} <= names
+
+
+@pytest.mark.parametrize("precision", ["64-true", "bf16-mixed"])
+def test_final_metrics_go_through_the_trainer_s_precision(make_cfg, tmp_path, precision):
+    """64-true trains on doubles and bf16-mixed under autocast: the end-of-run evaluation goes
+    through the same plugin (it used to feed float32 data to a double model and crash after
+    the whole run). Against the tutorial's network in plain PyTorch, from the last checkpoint."""
+    metrics = train(make_cfg(f"trainer.precision={precision}", "trainer.max_epochs=30"))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    w = {k.split(".", 1)[1]: v for k, v in state["state_dict"].items()}
+    dtype = torch.float64 if precision == "64-true" else torch.float32
+    x = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]], dtype=dtype)
+    y = torch.tensor([[0.0], [1.0], [1.0], [0.0]], dtype=dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        hidden = torch.sigmoid(torch.nn.functional.linear(x, w["fc1.weight"], w["fc1.bias"]))
+        out = torch.nn.functional.linear(hidden, w["fc2.weight"], w["fc2.bias"])  # no sigmoid
+        loss = torch.nn.functional.mse_loss(out, y).item()
+    assert metrics["train/loss"] == pytest.approx(loss, rel=1e-12)

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.precision import Precision
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 from typing_extensions import override
@@ -34,10 +35,15 @@ log = logging.getLogger("gradwatch")
 
 @torch.no_grad()
 def final_metrics(
-    model: pl.LightningModule, datamodule: pl.LightningDataModule
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    precision: Precision | None = None,
 ) -> dict[str, float]:
     """Loss (and accuracy) of the trained model on the whole train and val sets, and the norm
-    of the last step's gradients."""
+    of the last step's gradients. ``precision``: the Trainer's precision plugin, which the data
+    and the forward go through as in a validation step (``64-true`` trains on doubles,
+    ``bf16-mixed`` under autocast)."""
+    precision = precision or Precision()
     was_training = model.training
     model.eval()
     metrics = {}
@@ -45,11 +51,12 @@ def final_metrics(
     if len(datamodule.val_x):
         splits["val"] = (datamodule.val_x, datamodule.val_y)
     for split, (x, y) in splits.items():
-        x, y = x.to(model.device), y.to(model.device)
-        out = model(x)
-        metrics[f"{split}/loss"] = model.compute_loss(out, y).item()
-        if y.dtype == torch.long:
-            metrics[f"{split}/acc"] = model.accuracy(out, y).item()
+        x, y = precision.convert_input((x.to(model.device), y.to(model.device)))
+        with precision.val_step_context():
+            out = model(x)
+            metrics[f"{split}/loss"] = model.compute_loss(out, y).item()
+            if y.dtype == torch.long:
+                metrics[f"{split}/acc"] = model.accuracy(out, y).item()
     grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
     if grads:
         metrics["grad_norm/total"] = total_norm(grads)
@@ -90,7 +97,7 @@ class RunSummary(Callback):
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         fit_seconds = time.perf_counter() - self._start
-        self.metrics = final_metrics(pl_module, trainer.datamodule)
+        self.metrics = final_metrics(pl_module, trainer.datamodule, trainer.precision_plugin)
         monitor = next((c for c in trainer.callbacks if isinstance(c, GradientMonitor)), None)
         if monitor is not None:
             alerts = monitor.summary()["alerts"]
