@@ -2,6 +2,10 @@
 as it stands after a logging step and says what holds now; `Health` turns that into alerts once
 per episode, with causes over symptoms."""
 
+import math
+import random
+import statistics
+
 import pytest
 
 from gradwatch.monitor import rules
@@ -251,3 +255,20 @@ def test_alerts_carry_kind_layers_step_evidence_and_fix():
     assert alert.evidence["norms"] == {"fc1": 1e-9} and "ReLU" in alert.fix
     assert alert.line().endswith(f"[vanishing]. Fix: {alert.fix}")
     assert health.summary()["alerts"][0]["evidence"]["median_layer_norm"] == 1.0
+
+
+def test_history_keeps_the_best_smoothed_loss_as_steps_come():
+    """What ``diverging`` compares with, kept step by step, against running medians of five
+    finite losses computed over the whole series at once (NaN and None losses skipped)."""
+    rng = random.Random(0)
+    losses = [rng.uniform(0.1, 3.0) for _ in range(40)]
+    losses[7], losses[19] = math.nan, None
+    h = History()
+    for step, loss in enumerate(losses):
+        h.add(obs(step, loss=loss))
+        finite = [v for v in losses[: step + 1] if v is not None and math.isfinite(v)]
+        medians = [statistics.median(finite[max(0, i - 4) : i + 1]) for i in range(len(finite))]
+        assert h.best_smoothed_loss == min(medians)
+        assert h.smoothed_loss() == medians[-1]
+    # Built at once from the same steps (a restored checkpoint, a test's history): the same.
+    assert History(list(h.observations)).best_smoothed_loss == h.best_smoothed_loss

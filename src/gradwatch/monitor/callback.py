@@ -268,6 +268,11 @@ class GradientMonitor(Callback):
         self._read_first_loss = False
         self._hooks_allowed = True
         self._fresh = FreshGradients()
+        self._follow_backward = self._every_step_work = False  # set in on_train_start
+        # This batch's plan, from on_train_batch_start: whether it writes, whether it logs
+        # scalars at the cadence. True until the first batch says otherwise.
+        self._batch_writes = self._batch_logs = True
+        self._first_steps = True  # the first loss and the check that Lightning steps are pending
         # Per optimizer of the step: (carried, fresh) norms, None where nothing was carried.
         self._carried: list[Tensor | None] = []
 
@@ -340,6 +345,14 @@ class GradientMonitor(Callback):
         self._hooks_allowed = not any(
             type(m).__name__ == "OptimizedModule" for m in pl_module.modules()
         )
+        # The carried-gradient check, where .grad is the backward's own (see FreshGradients).
+        self._follow_backward = (
+            self._hooks_allowed and trainer.world_size == 1 and self._scaler is None
+        )
+        # Work at every step, not only on those that write.
+        self._every_step_work = (
+            self.every_step and self._scalar_every > 0
+        ) or self.on_nonfinite == "stop"
         stepped = {id(p) for opt in trainer.optimizers for p in optimizer_params(opt)}
         self._unoptimized = [
             (self._tags.param(self._names[id(p)]), p)
@@ -351,14 +364,17 @@ class GradientMonitor(Callback):
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        # Activation hooks only for the forward of a step that logs: other steps run without one.
-        if not (self._enabled and self._hooks_allowed and self._scalar_every):
+        if not self._enabled:
             return
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        if (step + 1) % self._scalar_every == 0:
-            if self.log_activations:
-                self._probe.detach()
-                self._probe.attach(pl_module, self._names)
+        write_scalars, write_hist = self._writes_at(trainer, step)
+        # Read by this batch's other hooks, which have nothing to do on most steps.
+        self._batch_writes = write_scalars or write_hist
+        self._batch_logs = bool(self._scalar_every) and (step + 1) % self._scalar_every == 0
+        # Activation hooks only for the forward of a step that logs: other steps run without one.
+        if self._batch_logs and self._hooks_allowed and self.log_activations:
+            self._probe.detach()
+            self._probe.attach(pl_module, self._names)
 
     @override
     def on_before_backward(
@@ -367,12 +383,8 @@ class GradientMonitor(Callback):
         # The carried-gradient check follows a logging step's backward from here, after
         # Lightning's closure (and a manual step's own code) has run zero_grad: a parameter whose
         # .grad is None now carries nothing and needs no hook (see FreshGradients).
-        if not (self._enabled and self._hooks_allowed and self._scalar_every):
-            return
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        if (step + 1) % self._scalar_every or trainer.world_size != 1 or self._scaler is not None:
-            return
-        self._fresh.attach([p for opt in trainer.optimizers for p in optimizer_params(opt)])
+        if self._enabled and self._batch_logs and self._follow_backward:
+            self._fresh.attach([p for opt in trainer.optimizers for p in optimizer_params(opt)])
 
     @override
     def on_before_optimizer_step(
@@ -381,15 +393,11 @@ class GradientMonitor(Callback):
         if not self._enabled:
             return
         self._measured_once = True
-        # Lightning's own logging writes when `(_batches_that_stepped + 1) % log_every_n_steps == 0`
-        # (or when stopping), at step `_batches_that_stepped`, which counts batches that stepped
-        # (not optimizer steps: several optimizers in one batch share a step). No public attribute
-        # has this meaning, so read the one Lightning's logger connector reads.
+        if not (self._batch_writes or self._every_step_work or trainer.should_stop):
+            return  # the common case without every_step: nothing at all
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
-        every = self._scalar_every
-        write_scalars = every > 0 and ((step + 1) % every == 0 or trainer.should_stop)
-        write_hist = self._hist_every > 0 and (step + 1) % self._hist_every == 0
-        record = self.every_step and every > 0
+        write_scalars, write_hist = self._writes_at(trainer, step)
+        record = self.every_step and self._scalar_every > 0
         if not (write_scalars or write_hist):
             if record:  # every_step's common case: the norms alone
                 recorded, params = self._record(trainer, optimizer, step)
@@ -398,7 +406,7 @@ class GradientMonitor(Callback):
                 self._skip_if_spike(recorded, params)
             elif self.on_nonfinite == "stop":
                 self._track_nonfinite(optimizer_params(optimizer), step)
-            return  # the common case without every_step: nothing at all
+            return
         recorded = self._record(trainer, optimizer, step)[0] if record else None
         params = optimizer_params(optimizer)
         scale = self._scale_of(optimizer)
@@ -431,6 +439,17 @@ class GradientMonitor(Callback):
             # None: nothing carried (every parameter began the step without a .grad).
             self._carried.append(self._fresh.carried_and_fresh(params))
         self._skip_if_spike(recorded, params)
+
+    def _writes_at(self, trainer: "pl.Trainer", step: int) -> tuple[bool, bool]:
+        """Whether ``step`` writes scalars, and whether it writes histograms."""
+        # Lightning's own logging writes when `(_batches_that_stepped + 1) % log_every_n_steps ==
+        # 0` (or when stopping), at step `_batches_that_stepped`, which counts batches that
+        # stepped (not optimizer steps: several optimizers in one batch share a step). No public
+        # attribute has this meaning, so read the one Lightning's logger connector reads.
+        every = self._scalar_every
+        write_scalars = every > 0 and ((step + 1) % every == 0 or trainer.should_stop)
+        write_hist = self._hist_every > 0 and (step + 1) % self._hist_every == 0
+        return write_scalars, write_hist
 
     def _record(
         self, trainer: "pl.Trainer", optimizer: Optimizer, step: int
@@ -489,6 +508,14 @@ class GradientMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        # Most steps: nothing hooked, measured or recorded, and the first steps' checks done.
+        if not (
+            self._batch_logs
+            or self._pending
+            or self._recorded_step is not None
+            or self._first_steps
+        ):
+            return
         self._probe.detach()
         self._fresh.detach()
         if self._recorded_step is not None:
@@ -501,23 +528,28 @@ class GradientMonitor(Callback):
             self._recorded_step = None
         if self._pending:
             self._fresh.clear()  # measured: the next logging step follows its own
-        if not self._read_first_loss and self.health.observed.first_loss is None:
+        if not self._read_first_loss:
             self._read_first_loss = True
-            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-            # The rules measure progress from the loss at the start; the first logged one may
-            # come after the damage (a run that diverges in a few steps). Read once (a host
-            # sync, at the first step only), in a single process: each rank's own loss would
-            # give the ranks different alerts.
-            if isinstance(loss, Tensor) and trainer.world_size == 1 and loss.numel() == 1:
-                value = float(loss.detach())
-                self.health.observed.first_loss = value if math.isfinite(value) else None
+            if self.health.observed.first_loss is None:  # a resumed run has its own
+                self._read_first_loss_of(trainer, outputs)
         if not self._pending:
             if not (self._measured_once or self._warned_unmeasured):
                 self._warn_if_stepped_outside_lightning(trainer, pl_module)
+            self._first_steps = not (self._measured_once or self._warned_unmeasured)
             return
         pending, self._pending = self._pending, []
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         self._finish(trainer, pending, loss if isinstance(loss, Tensor) else None)
+
+    def _read_first_loss_of(self, trainer: "pl.Trainer", outputs: Any) -> None:
+        # The rules measure progress from the loss at the start; the first logged one may come
+        # after the damage (a run that diverges in a few steps). Read once (a host sync, at the
+        # first step only), in a single process: each rank's own loss would give the ranks
+        # different alerts.
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, Tensor) and trainer.world_size == 1 and loss.numel() == 1:
+            value = float(loss.detach())
+            self.health.observed.first_loss = value if math.isfinite(value) else None
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -52,41 +52,86 @@ class Observation:
 
 @dataclass
 class History:
-    """The logging steps so far, oldest first (the monitor keeps the last ``KEPT``), and the
-    first finite loss of the run (what "progress" is measured from)."""
+    """The logging steps so far, oldest first (the monitor keeps the last ``KEPT``), the first
+    finite loss of the run (what "progress" is measured from), and the lowest smoothed loss
+    (the best progress made: the median of each ``SMOOTHING`` finite losses in a row).
+
+    Every rule reads a window of the newest steps, so that a logging step costs the same at the
+    run's first log and at its ten-thousandth; the lowest smoothed loss is kept as the steps
+    come, for the same reason."""
 
     observations: list[Observation] = field(default_factory=list)
     first_loss: float | None = None
+    best_smoothed_loss: float | None = None
 
     KEPT = 256
+    SMOOTHING = 5
 
     def __post_init__(self) -> None:
         if self.first_loss is None:
             self.first_loss = next((o.loss for o in self.observations if _finite(o.loss)), None)
+        if self.best_smoothed_loss is None:
+            losses = [o.loss for o in self.observations if _finite(o.loss)]
+            smoothed = [
+                _median(losses[max(0, i - self.SMOOTHING + 1) : i + 1]) for i in range(len(losses))
+            ]
+            self.best_smoothed_loss = min(smoothed, default=None)
 
     def add(self, obs: Observation) -> None:
         self.observations.append(obs)
         if len(self.observations) > self.KEPT:
             del self.observations[: len(self.observations) - self.KEPT]
-        if self.first_loss is None and _finite(obs.loss):
-            self.first_loss = obs.loss
+        if _finite(obs.loss):
+            if self.first_loss is None:
+                self.first_loss = obs.loss
+            now = self.smoothed_loss()
+            best = self.best_smoothed_loss
+            self.best_smoothed_loss = now if best is None else min(best, now)
 
     @property
     def last(self) -> Observation:
         return self.observations[-1]
 
-    def losses(self) -> list[float]:
-        """The finite losses of the kept steps, oldest first."""
-        return [o.loss for o in self.observations if _finite(o.loss)]
-
-    def trailing(self, condition) -> list[Observation]:
-        """The newest observations for which ``condition`` holds, up to the first that fails."""
+    def recent_losses(self, n: int) -> list[float]:
+        """The newest ``n`` finite losses (fewer if there are not as many), oldest first."""
         out = []
         for obs in reversed(self.observations):
-            if not condition(obs):
+            if len(out) == n:
+                break
+            if _finite(obs.loss):
+                out.append(obs.loss)
+        return out[::-1]
+
+    def smoothed_loss(self) -> float | None:
+        """The median of the newest ``SMOOTHING`` finite losses (of fewer at the start)."""
+        losses = self.recent_losses(self.SMOOTHING)
+        return _median(losses) if losses else None
+
+    def recent_values(self, key: str, n: int) -> list[float]:
+        """The newest ``n`` values of ``totals[key]`` among the steps that have it, oldest first."""
+        out = []
+        for obs in reversed(self.observations):
+            if len(out) == n:
+                break
+            if key in obs.totals:
+                out.append(obs.totals[key])
+        return out[::-1]
+
+    def trailing(self, condition, limit: int | None = None) -> list[Observation]:
+        """The newest observations for which ``condition`` holds, up to the first that fails
+        (at most ``limit`` of them), oldest first."""
+        out = []
+        for obs in reversed(self.observations):
+            if len(out) == limit or not condition(obs):
                 break
             out.append(obs)
         return out[::-1]
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def _finite(value: float | None) -> bool:

@@ -31,7 +31,7 @@ NONFINITE_POLICIES = ("warn", "stop")
 # the goal, not a fault.
 CONVERGED_LOSS_FRACTION = 1e-6
 # Losses are compared as medians of this many logs: a mini-batch's loss is noisy.
-LOSS_SMOOTHING = 5
+LOSS_SMOOTHING = History.SMOOTHING
 # Gradients summed step after step grow by about the same amount at each step: the largest
 # increment at most this many times the smallest.
 ACCUMULATING_EVEN = 4.0
@@ -177,7 +177,8 @@ def vanishing(h: History, t: Thresholds) -> Finding | None:
     low = [
         lay
         for lay in layers
-        if len(h.trailing(lambda o, lay=lay: _low(o, lay, h, t))) >= t.vanishing_patience
+        if len(h.trailing(lambda o, lay=lay: _low(o, lay, h, t), t.vanishing_patience))
+        >= t.vanishing_patience
     ]
     if not low:
         return None
@@ -229,8 +230,7 @@ def exploding(h: History, t: Thresholds) -> list[Finding]:
         )
         return found
     for key, total in h.last.totals.items():
-        series = [o.totals[key] for o in h.observations if key in o.totals]
-        earlier = [v for v in series[-t.exploding_window - 1 : -1] if math.isfinite(v)]
+        earlier = [v for v in h.recent_values(key, t.exploding_window + 1)[:-1] if math.isfinite(v)]
         median = statistics.median(earlier) if earlier else 0.0
         if not (
             math.isfinite(total)
@@ -305,8 +305,10 @@ def no_gradient(h: History, t: Thresholds) -> Finding | None:
     ``no_gradient_patience`` of them): not small gradients, none at all."""
     if len(h.observations) < t.no_gradient_patience:
         return None
-    never = set(h.observations[0].no_gradient)
-    for obs in h.observations[1:]:
+    never = set(h.last.no_gradient)
+    for obs in h.observations:
+        if not never:
+            return None
         never &= set(obs.no_gradient)
     if not never:
         return None
@@ -389,8 +391,9 @@ def stall(h: History, t: Thresholds) -> Finding | None:
             bool(o.update_ratios)
             and max(o.update_ratios.values()) < t.stall_update_ratio
             and _finite(o.loss)
-        )
-    )[-t.stall_patience :]
+        ),
+        t.stall_patience,
+    )
     losses = [o.loss for o in run]
     if len(losses) < t.stall_patience:
         return None
@@ -416,11 +419,9 @@ def diverging(h: History, t: Thresholds) -> Finding | None:
     the last ``LOSS_SMOOTHING`` logs some layer's weights moved by more than
     ``diverging_update_ratio`` of their size while the loss made no progress: the steps are too
     large."""
-    losses = h.losses()
-    if len(losses) < 2 or h.first_loss is None:
+    if len(h.recent_losses(2)) < 2 or h.first_loss is None or h.best_smoothed_loss is None:
         return None
-    smooth = _smoothed(losses)
-    first, best, now = h.first_loss, min(smooth), smooth[-1]
+    first, best, now = h.first_loss, h.best_smoothed_loss, h.smoothed_loss()
     rising = now > t.diverging_factor * abs(first) + 1e-12 or (
         best < first and now - best > t.diverging_lost_progress * (first - best) and now > 2 * best
     )
