@@ -1,6 +1,6 @@
 """The monitor's own TensorBoard records: the bytes protobuf would write, framed and checksummed
-as TensorBoard's writer frames them, appended after what the writer has queued, and through the
-writer where they cannot be."""
+as TensorBoard's writer frames them, appended beside what the writer writes (each tag's steps in
+order), and through the writer where they cannot be."""
 
 import math
 import struct

@@ -10,9 +10,13 @@ write per logging step, framed as TensorBoard frames them, with the record check
 in its writer thread, holding the GIL: about 0.2 us a byte, 1 to 3 ms for a histogram event,
 which the training loop waits for; and it opens and closes the file for every record, behind a
 queue of ten, so that every_step's fifty events in a row would hold up the loop for about as long
-as fifty steps' norms. What the writer has queued is written first, so every tag's steps stay in
-order. Where the file is not local or the C checksum is missing, events go through the writer.
-Nothing of TensorBoard's is changed: other writers in the process keep their own checksums.
+as fifty steps' norms. The writer appends too, a record per write, and has written the file's
+first record (which truncates it) by the time it exists: a write of ours lands between two of its
+records, never inside one, and waits for nothing it has queued. The tags written here are never
+written through the writer (alerts, which are, have a tag of their own), so each tag's steps stay
+in order; TensorBoard reads each tag's steps in file order. Where the file is not local or the C
+checksum is missing, events go through the writer. Nothing of TensorBoard's is changed: other
+writers in the process keep their own checksums.
 """
 
 import functools
@@ -113,7 +117,6 @@ def _append(logger: TensorBoardLogger, events: list[bytes]) -> None:
             event = Event.FromString(data)
             file_writer.add_event(event, event.step, event.wall_time)
         return
-    file_writer.flush()  # its queue written, its first write (which truncates the file) done
     with open(path, "ab") as f:
         f.write(b"".join(_record(data) for data in events))
 
