@@ -20,10 +20,10 @@ Not every logging step is measured: the hooks and the statistics cost about a tr
 small network, and the problems they look for last. The first logging step is measured, then
 every ``measure_every``-th; once a layer's dead, saturated or alike share reaches ``watch``, every
 one, until it falls back, so that the rules' patience (which counts the logs that measured) runs
-at every log where it matters. Deciding that reads the last shares on the host: free on CPU; on
-other devices it would wait for the device, so there every logging step is measured. So it is
-under several processes (each would decide from its own batch) and with ``keep_values``
-(activation histograms).
+at every log where it matters. Deciding that reads the last measured shares as the logging
+step's one transfer brought them to the host (the monitor hands them over: no wait for a device).
+Under several processes (each would decide from its own batch) and with ``keep_values``
+(activation histograms) every logging step is measured.
 """
 
 from collections.abc import Callable
@@ -67,10 +67,13 @@ class ActivationProbe:
     watch: float = WATCH
     stats: dict[str, Tensor] = field(default_factory=dict)  # layer -> STATS, one tensor each
     values: dict[str, Tensor] = field(default_factory=dict)
+    # The largest dead, saturated or alike share of the last measured step, on the host.
+    largest_share: float = 0.0
     _handles: list[RemovableHandle] = field(default_factory=list)
     _last: str | None = None
     _logs: int = 0  # attach calls: logging steps
-    _measured: dict[str, Tensor] = field(default_factory=dict)  # the last measured step's stats
+    # The modules to hook and their layers, worked out once per module and set of names.
+    _targets: tuple[int, int, list[tuple[str, nn.Module]]] | None = None
 
     def attach(self, module: nn.Module, names: dict[int, str]) -> None:
         """Hooks every module of ``module`` that holds parameters itself, if this logging step
@@ -81,11 +84,20 @@ class ActivationProbe:
         self._logs += 1
         if not (due or self.keep_values or self._watching()):
             return
-        for sub in module.modules():
-            own = list(sub.parameters(recurse=False))
-            if own and id(own[0]) in names:
-                layer = layer_of(names[id(own[0])])
-                self._handles.append(sub.register_forward_pre_hook(self._hook(layer, sub)))
+        for layer, sub in self._modules_to_hook(module, names):
+            self._handles.append(sub.register_forward_pre_hook(self._hook(layer, sub)))
+
+    def _modules_to_hook(
+        self, module: nn.Module, names: dict[int, str]
+    ) -> list[tuple[str, nn.Module]]:
+        if self._targets is None or self._targets[:2] != (id(module), id(names)):
+            targets = []
+            for sub in module.modules():
+                own = list(sub.parameters(recurse=False))
+                if own and id(own[0]) in names:
+                    targets.append((layer_of(names[id(own[0])]), sub))
+            self._targets = (id(module), id(names), targets)
+        return self._targets[2]
 
     def detach(self) -> None:
         if not self._handles:  # every step's end: most steps had none
@@ -93,22 +105,15 @@ class ActivationProbe:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self.stats:
-            self._measured = self.stats
 
     def _watching(self) -> bool:
-        """Whether the last measured step had a share at or over ``watch``, or could have:
-        off the CPU reading it would wait for the device, and under several processes each
-        would read its own batch's shares and could decide otherwise than the others, while
-        their statistics join one collective (FSDP2): there every logging step is measured."""
+        """Whether the last measured step had a share at or over ``watch``; or could have:
+        under several processes each would read its own batch's shares and could decide
+        otherwise than the others, while their statistics join one collective (FSDP2): there
+        every logging step is measured."""
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             return True
-        shares = [s[1:] for s in self._measured.values()]
-        if not shares:
-            return False
-        if shares[0].device.type != "cpu":
-            return True
-        return bool(torch.cat(shares).max() >= self.watch)
+        return self.largest_share >= self.watch
 
     def _hook(self, layer: str, module: nn.Module) -> Callable:
         unit_dim = 1 if isinstance(module, CHANNEL_FIRST) else -1

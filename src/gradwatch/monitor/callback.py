@@ -661,6 +661,9 @@ class GradientMonitor(Callback):
             self._tags.layer(layer): dict(zip(STATS, next(host), strict=True))
             for layer in activations
         }
+        if activation_stats:  # what the probe decides its next measured step from
+            shares = [values[stat] for values in activation_stats.values() for stat in STATS[1:]]
+            self._probe.largest_share = max(shares)
         carried_share = 0.0 if followed else None
         if carried is not None:
             carried_norm, fresh_norm = next(host)
