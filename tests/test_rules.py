@@ -272,3 +272,29 @@ def test_history_keeps_the_best_smoothed_loss_as_steps_come():
         assert h.smoothed_loss() == medians[-1]
     # Built at once from the same steps (a restored checkpoint, a test's history): the same.
     assert History(list(h.observations)).best_smoothed_loss == h.best_smoothed_loss
+
+
+def test_no_update_sees_weights_that_do_not_move_under_a_real_gradient():
+    ratios = {"fc1": 0.0, "fc2": 1e-3}
+    stuck = [obs(s, ratios=ratios) for s in range(3)]
+    finding = rules.no_update(history(stuck), T)
+    assert (finding.kind, finding.layers) == ("no_update", ["fc1"])
+    assert "learning rate for them is 0" in finding.message  # float32: nothing rounds a 1.0 away
+    assert rules.no_update(history(stuck[:2]), T) is None  # 3 logs of patience
+    moved = [obs(0, ratios={"fc1": 1e-9, "fc2": 1e-3}), *stuck[1:]]
+    assert rules.no_update(history(moved), T) is None
+    # bfloat16 weights: the steps are rounded away, 1 part in 128 apart.
+    bf16 = [obs(s, ratios=ratios, low_precision={"fc1": "bfloat16"}) for s in range(3)]
+    finding = rules.no_update(history(bf16), T)
+    assert "they are bfloat16" in finding.message and "1 part in 128" in finding.message
+    assert "bf16-mixed" in finding.fix
+    # A gradient too small to move anything is vanishing's (any precision rounds it away).
+    tiny = [obs(s, norms={"fc1": 1e-9, "fc2": 1.0, "fc3": 1.0}, ratios=ratios) for s in range(3)]
+    assert rules.no_update(history(tiny), T) is None
+
+
+def test_a_stall_whose_weights_do_not_move_is_reported_as_no_update():
+    # The loss flat, every update ratio 0 under gradients of 1: the cause, not the stall.
+    flat = [obs(s, loss=0.25, ratios={"fc1": 0.0, "fc2": 0.0}) for s in range(12)]
+    found = kinds(flat)
+    assert found == {2: [("no_update", ["fc1", "fc2"])]}

@@ -268,6 +268,7 @@ class GradientMonitor(Callback):
         self._read_first_loss = False
         self._hooks_allowed = True
         self._fresh = FreshGradients()
+        self._low_precision: dict[str, str] = {}  # 16-bit layers' dtypes, from on_train_start
         self._follow_backward = self._every_step_work = False  # set in on_train_start
         # This batch's plan, from on_train_batch_start: whether it writes, whether it logs
         # scalars at the cadence. True until the first batch says otherwise.
@@ -340,6 +341,12 @@ class GradientMonitor(Callback):
         self._stepping = {}
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._tags = Tags(list(self._names.values()), num_optimizers=len(trainer.optimizers))
+        # The precision plugin has converted the module by now (bf16-true: bfloat16 weights).
+        self._low_precision = {
+            self._tags.layer_of_param(self._names[id(p)]): str(p.dtype).removeprefix("torch.")
+            for p in pl_module.parameters()
+            if p.dtype in (torch.bfloat16, torch.float16) and id(p) in self._names
+        }
         # Hooks added and removed around a compiled module's forward would recompile it at every
         # logging step: under torch.compile the hook-based statistics are off.
         self._hooks_allowed = not any(
@@ -700,6 +707,7 @@ class GradientMonitor(Callback):
                     amp_scale=amp_scale_value,
                     weight_norms=scalars.weight_norms,
                     carried_gradient=carried_share,
+                    low_precision=self._low_precision,
                 )
             )
             if self.on_nonfinite == "stop" and self.health.nonfinite_now():

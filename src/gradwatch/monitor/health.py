@@ -27,7 +27,15 @@ __all__ = ["Alert", "GradientAlert", "Health", "Observation", "Thresholds", "for
 # the gradients explode is the explosion's doing; a loss that learns nothing for any of these
 # reasons is no sign of targets without signal.
 EXPLAINED_BY = {
-    "stall": {"vanishing", "dead_units", "saturated_units", "symmetric_units", "accumulating"},
+    "stall": {
+        "vanishing",
+        "dead_units",
+        "saturated_units",
+        "symmetric_units",
+        "accumulating",
+        "no_update",
+    },
+    "no_update": {"vanishing", "skipped_steps", "nonfinite", "not_optimized"},
     "vanishing": {"dead_units", "saturated_units", "symmetric_units"},
     "diverging": {"exploding", "accumulating", "nonfinite"},
     "exploding": {"accumulating"},

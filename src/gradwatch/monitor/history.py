@@ -32,6 +32,8 @@ class Observation:
         carried_gradient: the norm of what ``.grad`` held beyond the step's own backward (carried
             over from earlier steps) over the norm of the backward's gradient; None where it is
             not measured (DDP, AMP).
+        low_precision: the layers whose weights are 16-bit floats, with their dtype
+            (``"bfloat16"``, ``"float16"``): a step below their resolution is rounded away.
     """
 
     step: int
@@ -48,6 +50,7 @@ class Observation:
     amp_scale: float | None = None
     weight_norms: dict[str, float] = field(default_factory=dict)
     carried_gradient: float | None = None
+    low_precision: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -80,6 +80,8 @@ class Thresholds:
     activation_patience: int = 3
     # AMP: the GradScaler's scale fell at this many logs in a row (or below 1).
     skipped_patience: int = 3
+    # Weights that did not move at all although their gradient is not zero, this many logs.
+    no_update_patience: int = 3
 
     def __post_init__(self) -> None:
         for name in (
@@ -90,6 +92,7 @@ class Thresholds:
             "no_gradient_patience",
             "activation_patience",
             "skipped_patience",
+            "no_update_patience",
         ):
             check_int(name, getattr(self, name), minimum=1)
         check_int("stall_patience", self.stall_patience, minimum=2)
@@ -383,6 +386,76 @@ def skipped_steps(h: History, t: Thresholds) -> Finding | None:
 # ----------------------------------------------------------------------------------------------
 
 
+def no_update(h: History, t: Thresholds) -> Finding | None:
+    """Layers whose weights did not change at all (an update ratio of exactly 0) while their
+    gradient was finite and not small (see ``_not_moved``), ``no_update_patience`` logs in a
+    row: the optimizer's steps are lost. 16-bit weights (``bf16-true``, ``16-true``) round a
+    step smaller than half the gap between two of their numbers back to the same weight; with
+    wider weights, the learning rate for them is 0."""
+    n = t.no_update_patience
+    stuck = [
+        lay
+        for lay, ratio in h.last.update_ratios.items()
+        if ratio == 0.0 and len(h.trailing(lambda o, lay=lay: _not_moved(o, lay, h, t), n)) >= n
+    ]
+    if not stuck:
+        return None
+    obs = h.last
+    dtypes = sorted({obs.low_precision[lay] for lay in stuck if lay in obs.low_precision})
+    common = f"the weights of {{layers}} did not change at all at {n} logged steps in a row"
+    common += f" (up to step {obs.step}) although their gradients are not zero"
+    if dtypes and all(lay in obs.low_precision for lay in stuck):
+        dtype = dtypes[0] if len(dtypes) == 1 else " and ".join(dtypes)
+        message = (
+            f"{common}: they are {dtype}, whose numbers are about 1 part in"
+            f" {1 / _EPS[dtypes[0]]:.0f} apart, and a step of less than half that is rounded"
+            " back to the same weight: every update is lost"
+        )
+        fix = (
+            "keep the weights in float32 and compute in 16 bits (trainer.precision=bf16-mixed or"
+            " 16-mixed rather than bf16-true or 16-true), or use an optimizer that keeps float32"
+            " master weights"
+        )
+    else:
+        message = f"{common}: the optimizer does not move them, its learning rate for them is 0"
+        fix = (
+            "give their param group a learning rate above 0 (a schedule that reaches 0 stops"
+            " training); if they are frozen on purpose, set requires_grad=False"
+        )
+    return Finding(
+        "no_update",
+        message,
+        fix,
+        layers=stuck,
+        details={lay: f"{lay} (gradient {obs.layer_norms[lay]:.2e})" for lay in stuck},
+        evidence={
+            "gradient_norms": {lay: obs.layer_norms[lay] for lay in stuck},
+            "update_ratio": 0.0,
+            "logged_steps": n,
+            "weight_dtypes": {
+                lay: obs.low_precision.get(lay, "wider than 16 bits") for lay in stuck
+            },
+        },
+    )
+
+
+def _not_moved(obs: Observation, lay: str, h: History, t: Thresholds) -> bool:
+    """Unchanged weights under a gradient that should have moved them: one too small to (below
+    ``vanishing_threshold``, or vanishing next to the other layers') is rounded away in any
+    precision, and is ``vanishing``'s to report."""
+    grad = obs.layer_norms.get(lay, 0.0)
+    return (
+        obs.update_ratios.get(lay) == 0.0
+        and math.isfinite(grad)
+        and grad > t.vanishing_threshold
+        and not _low(obs, lay, h, t)
+    )
+
+
+# The relative gap between two neighbouring 16-bit numbers (torch.finfo(dtype).eps).
+_EPS = {"bfloat16": 2.0**-7, "float16": 2.0**-10}
+
+
 def stall(h: History, t: Thresholds) -> Finding | None:
     """The loss flat (range within ``stall_loss_tol`` of its mean) over ``stall_patience`` logs
     while every layer's update ratio is below ``stall_update_ratio``: the weights barely move."""
@@ -593,6 +666,7 @@ RULES: list[Callable[[History, Thresholds], Finding | list[Finding] | None]] = [
     vanishing,
     exploding,
     accumulating,
+    no_update,
     diverging,
     stall,
     no_signal,

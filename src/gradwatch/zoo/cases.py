@@ -25,6 +25,7 @@ class Case:
         steps: optimizer steps to train.
         fp16: trains in fp16 mixed precision with a GradScaler (on CUDA where there is one,
             else with CPU autocast).
+        precision: Lightning's ``precision`` otherwise (``"bf16-true"``: bfloat16 weights).
         fast: short enough for ``make test``.
     """
 
@@ -34,6 +35,7 @@ class Case:
     build: Callable[[], tuple[ZooModule, tuple[Tensor, Tensor], int | None]]
     steps: int = 300
     fp16: bool = False
+    precision: str | None = None
     fast: bool = True
 
 
@@ -186,6 +188,17 @@ def shuffled_labels():
     return ZooModule(mlp([2, 32, 32, 1], "tanh"), "bce", adam(0.01)), (x, y), 128
 
 
+def lr_zero_group():
+    # Two param groups, the first layer's at lr 0 (a schedule that reached 0, a typo): its
+    # gradients are computed at every step and never applied.
+    seeded()
+
+    def groups(net: nn.Module) -> list[dict]:
+        return [{"params": net.fc1.parameters(), "lr": 0.0}, {"params": net.fc2.parameters()}]
+
+    return ZooModule(mlp([2, 32, 1], "tanh"), "bce", sgd(0.1), params=groups), moons(), 64
+
+
 def fp16_overflow():
     # Inputs in the thousands through a layer with weights 100x the default: fc1's outputs pass
     # fp16's largest value (65504), the loss is Inf at every step, and the GradScaler skips
@@ -261,9 +274,15 @@ CASES = [
     Case("loss summed, not averaged", "diverging", None, summed_loss),
     Case("shuffled labels", "no_signal", None, shuffled_labels, steps=500),
     Case("fp16 overflow", "skipped_steps", None, fp16_overflow, fp16=True),
+    # The tutorial with bfloat16 weights: its steps, 1e-4 of a weight, round away.
+    Case(
+        "the tutorial in bf16 weights", "no_update", None, lr_too_small, 500, precision="bf16-true"
+    ),
+    Case("a param group at lr 0", "no_update", "fc1", lr_zero_group),
     Case("XOR with Adam", None, None, xor_adam, steps=500),
     Case("moons, ReLU MLP", None, None, moons_relu, steps=500),
     Case("moons, ReLU MLP in fp16", None, None, moons_relu, steps=500, fp16=True),
+    Case("moons, ReLU MLP in bf16 weights", None, None, moons_relu, 500, precision="bf16-true"),
     Case("moons, Adam at lr 1e-4 (slow)", None, None, moons_slow_adam, steps=500),
     Case("spiral, tanh MLP", None, None, spiral_tanh, steps=500, fast=False),
     Case("CNN on bars", None, None, cnn, steps=500, fast=False),

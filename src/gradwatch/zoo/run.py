@@ -83,7 +83,7 @@ def run_case(case: Case, seed: int = 0, monitor_kwargs: dict | None = None) -> R
         trainer = pl.Trainer(
             accelerator="gpu" if gpu else "cpu",
             devices=1,
-            precision="16-mixed" if gpu else None,
+            precision="16-mixed" if gpu else case.precision,
             plugins=plugins if cpu_fp16 else None,
             max_steps=case.steps,
             max_epochs=-1,
