@@ -291,6 +291,9 @@ def test_no_update_sees_weights_that_do_not_move_under_a_real_gradient():
     # A gradient too small to move anything is vanishing's (any precision rounds it away).
     tiny = [obs(s, norms={"fc1": 1e-9, "fc2": 1.0, "fc3": 1.0}, ratios=ratios) for s in range(3)]
     assert rules.no_update(history(tiny), T) is None
+    # Converged (Adam on XOR ends at a loss of 1e-13): resting weights are the goal.
+    done = [obs(s, loss=1e-13, ratios=ratios) for s in range(3)]
+    assert rules.no_update(history(done, first_loss=0.25), T) is None
 
 
 def test_a_stall_whose_weights_do_not_move_is_reported_as_no_update():

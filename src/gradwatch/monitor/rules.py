@@ -442,13 +442,14 @@ def no_update(h: History, t: Thresholds) -> Finding | None:
 def _not_moved(obs: Observation, lay: str, h: History, t: Thresholds) -> bool:
     """Unchanged weights under a gradient that should have moved them: one too small to (below
     ``vanishing_threshold``, or vanishing next to the other layers') is rounded away in any
-    precision, and is ``vanishing``'s to report."""
+    precision, and is ``vanishing``'s to report; a converged run's weights rest on purpose."""
     grad = obs.layer_norms.get(lay, 0.0)
     return (
         obs.update_ratios.get(lay) == 0.0
         and math.isfinite(grad)
         and grad > t.vanishing_threshold
         and not _low(obs, lay, h, t)
+        and not converged(h, obs)
     )
 
 
