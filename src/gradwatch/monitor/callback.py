@@ -538,7 +538,7 @@ class GradientMonitor(Callback):
         if not self._read_first_loss:
             self._read_first_loss = True
             if self.health.observed.first_loss is None:  # a resumed run has its own
-                self._read_first_loss_of(trainer, outputs)
+                self._take_first_loss(trainer, outputs)
         if not self._pending:
             if not (self._measured_once or self._warned_unmeasured):
                 self._warn_if_stepped_outside_lightning(trainer, pl_module)
@@ -548,7 +548,7 @@ class GradientMonitor(Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         self._finish(trainer, pending, loss if isinstance(loss, Tensor) else None)
 
-    def _read_first_loss_of(self, trainer: "pl.Trainer", outputs: Any) -> None:
+    def _take_first_loss(self, trainer: "pl.Trainer", outputs: Any) -> None:
         # The rules measure progress from the loss at the start; the first logged one may come
         # after the damage (a run that diverges in a few steps). Read once (a host sync, at the
         # first step only), in a single process: each rank's own loss would give the ranks

@@ -5,10 +5,9 @@ up each backward's gradient of every parameter before autograd accumulates it in
 When the optimizer steps, ``.grad`` should hold just that sum; what it holds beyond it was carried
 over from earlier steps: a ``zero_grad`` that never runs. A parameter whose ``.grad`` is None when
 the step's first backward begins (``zero_grad``'s default) carries nothing: it gets no hook and no
-copy. Single
-process, without a GradScaler only: under DDP ``.grad`` is the mean over the processes, under AMP
-it is unscaled after the backward, and either differs from the backward's own gradient for
-reasons of their own.
+copy. Single process, without a GradScaler only: under DDP ``.grad`` is the mean over the
+processes, under AMP it is unscaled after the backward, and either differs from the backward's
+own gradient for reasons of their own.
 """
 
 from dataclasses import dataclass, field
