@@ -2,6 +2,7 @@
 them. Plain Python values only, so a test builds a history by hand and a checkpoint stores it."""
 
 import math
+import statistics
 from dataclasses import dataclass, field
 
 
@@ -75,10 +76,7 @@ class History:
             self.first_loss = next((o.loss for o in self.observations if _finite(o.loss)), None)
         if self.best_smoothed_loss is None:
             losses = [o.loss for o in self.observations if _finite(o.loss)]
-            smoothed = [
-                _median(losses[max(0, i - self.SMOOTHING + 1) : i + 1]) for i in range(len(losses))
-            ]
-            self.best_smoothed_loss = min(smoothed, default=None)
+            self.best_smoothed_loss = min(running_medians(losses), default=None)
 
     def add(self, obs: Observation) -> None:
         self.observations.append(obs)
@@ -108,7 +106,7 @@ class History:
     def smoothed_loss(self) -> float | None:
         """The median of the newest ``SMOOTHING`` finite losses (of fewer at the start)."""
         losses = self.recent_losses(self.SMOOTHING)
-        return _median(losses) if losses else None
+        return statistics.median(losses) if losses else None
 
     def recent_values(self, key: str, n: int) -> list[float]:
         """The newest ``n`` values of ``totals[key]`` among the steps that have it, oldest first."""
@@ -131,10 +129,10 @@ class History:
         return out[::-1]
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+def running_medians(losses: list[float]) -> list[float]:
+    """Medians of each ``History.SMOOTHING`` losses in a row (of fewer at the start)."""
+    n = History.SMOOTHING
+    return [statistics.median(losses[max(0, i - n + 1) : i + 1]) for i in range(len(losses))]
 
 
 def _finite(value: float | None) -> bool:

@@ -24,7 +24,7 @@ from itertools import takewhile
 from typing import Any
 
 from gradwatch.monitor.arguments import check_choice, check_int, check_number
-from gradwatch.monitor.history import History, Observation
+from gradwatch.monitor.history import History, Observation, running_medians
 
 NONFINITE_POLICIES = ("warn", "stop")
 # A loss this fraction of the run's first loss means training has converged: tiny gradients are
@@ -310,11 +310,9 @@ def no_gradient(h: History, t: Thresholds) -> Finding | None:
         return None
     never = set(h.last.no_gradient)
     for obs in h.observations:
+        never &= set(obs.no_gradient)
         if not never:
             return None
-        never &= set(obs.no_gradient)
-    if not never:
-        return None
     names = [n for n in h.last.no_gradient if n in never]
     return Finding(
         "no_gradient",
@@ -544,7 +542,7 @@ def no_signal(h: History, t: Thresholds) -> Finding | None:
     if not all(_finite(v) for v in losses) or not all(o.update_ratios for o in recent):
         return None
     first = h.first_loss
-    smooth = _smoothed(losses)
+    smooth = running_medians(losses)
     moving = min(max(o.update_ratios.values()) for o in recent) >= t.no_signal_update_ratio
     no_progress = min(smooth) > t.no_signal_progress * first
     if not (moving and no_progress and first > 0):
@@ -700,14 +698,6 @@ def _combined(norms) -> float:
 def _median_norm(obs: Observation) -> float:
     finite = [v for v in obs.layer_norms.values() if math.isfinite(v)]
     return statistics.median(finite) if finite else 0.0
-
-
-def _smoothed(losses: list[float]) -> list[float]:
-    """Running medians of ``LOSS_SMOOTHING`` losses (of fewer at the start)."""
-    return [
-        statistics.median(losses[max(0, i - LOSS_SMOOTHING + 1) : i + 1])
-        for i in range(len(losses))
-    ]
 
 
 def _finite(value: float | None) -> bool:
