@@ -11,7 +11,7 @@ from test_monitor import Module, fit, histograms, read_events, scalars
 from torch import nn
 
 from gradwatch.monitor import GradientAlert, GradientMonitor
-from gradwatch.monitor.activations import ActivationProbe, unit_stats
+from gradwatch.monitor.activations import STATS, ActivationProbe, unit_stats
 
 
 def stats(x, eps=1e-3):
@@ -34,6 +34,45 @@ def test_unit_stats_by_hand():
     assert stats(s)["saturated"] == 0.5
     r = torch.tensor([[0.0, 0.5], [0.0, 0.4], [0.0, 0.6]])
     assert stats(r)["saturated"] == 0.0 and stats(r)["dead"] == 0.5
+
+
+def test_layers_of_one_shape_are_measured_together_as_each_alone():
+    """The probe measures layers of one shape in one computation: each layer's statistics equal
+    those of its input measured alone, whatever its neighbours (dead, copied, saturated)."""
+    torch.manual_seed(0)
+    widths = [3, 6, 6, 6, 4, 4, 2]
+    layers = [nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)]
+    nn.init.constant_(layers[0].weight, 0.3)  # fc.0: six copies
+    nn.init.zeros_(layers[0].bias)
+    nn.init.constant_(layers[2].bias, -50.0)  # fc.2: dead
+    nn.init.constant_(layers[3].bias, 40.0)  # fc.3: saturated under the sigmoid
+    acts = [torch.tanh, torch.relu, torch.relu, torch.sigmoid, torch.relu]
+    received = {}
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.ModuleList(layers)
+
+        def forward(self, x):
+            for k, act in enumerate(acts):
+                x = act(self.fc[k](x))
+                received[f"fc.{k}"] = x.detach().clone()
+            return self.fc[-1](x)
+
+    net = Net()
+    probe = ActivationProbe()
+    probe.attach(net, {id(p): name for name, p in net.named_parameters()})
+    net(torch.rand(32, 3) * 4 - 2).sum().backward()
+    probe.detach()
+    assert list(probe.stats) == list(received)  # the forward's order
+    for layer, x in received.items():
+        assert stats(x) == dict(zip(STATS, probe.stats[layer].tolist(), strict=True)), layer
+    measured = {
+        layer: dict(zip(STATS, v.tolist(), strict=True)) for layer, v in probe.stats.items()
+    }
+    assert measured["fc.0"]["alike"] == 1.0 and measured["fc.2"]["dead"] == 1.0
+    assert measured["fc.3"]["saturated"] == 1.0
 
 
 class ReluNet(nn.Module):

@@ -70,6 +70,8 @@ class ActivationProbe:
     # The largest dead, saturated or alike share of the last measured step, on the host.
     largest_share: float = 0.0
     _handles: list[RemovableHandle] = field(default_factory=list)
+    # What the hooks received since attach (layer -> samples x units), measured by detach.
+    _received: dict[str, Tensor] = field(default_factory=dict)
     _last: str | None = None
     _logs: int = 0  # attach calls: logging steps
     # The modules to hook and their layers, worked out once per module and set of names.
@@ -80,6 +82,7 @@ class ActivationProbe:
         is one to measure; ``names`` maps ``id(parameter)`` to the monitor's parameter names,
         whose layer names the module."""
         self.stats, self.values, self._last = {}, {}, None
+        self._received = {}
         due = self._logs % self.measure_every == 0
         self._logs += 1
         if not (due or self.keep_values or self._watching()):
@@ -100,11 +103,24 @@ class ActivationProbe:
         return self._targets[2]
 
     def detach(self) -> None:
+        """Removes the hooks (the forward is over) and works out the statistics of what they
+        received: layers of one shape in one computation, whose cost is then that of one layer
+        (these small tensor operations cost their dispatch, not their arithmetic)."""
         if not self._handles:  # every step's end: most steps had none
             return
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        by_shape: dict[tuple, list[str]] = {}
+        for layer, units in self._received.items():
+            by_shape.setdefault((units.shape, units.device), []).append(layer)
+        measured = {}
+        for layers in by_shape.values():
+            stacked = torch.stack([self._received[layer] for layer in layers])
+            measured.update(zip(layers, unit_stats(stacked, self.eps), strict=True))
+        # In the forward's order, as the logs and alerts name the layers.
+        self.stats = {layer: measured[layer] for layer in self._received}
+        self._received = {}
 
     def _watching(self) -> bool:
         """Whether the last measured step had a share at or over ``watch``; or could have:
@@ -127,7 +143,9 @@ class ActivationProbe:
                 return
             units = x.detach().movedim(unit_dim, -1).reshape(-1, x.shape[unit_dim])
             units = units[:MAX_SAMPLES, :MAX_UNITS].float()
-            self.stats[producer] = unit_stats(units, self.eps)
+            # Kept (a view: autograd keeps the input for the backward anyway) until detach
+            # measures every layer at once; a layer called twice keeps its last input.
+            self._received[producer] = units
             if self.keep_values:
                 self.values[producer] = units.clone()
 
@@ -148,38 +166,41 @@ def _projections(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def unit_stats(x: Tensor, eps: float) -> Tensor:
-    """``STATS`` of a samples x units matrix, as one tensor on its device (no host sync).
+    """``STATS`` of a samples x units matrix, or of a stack of them (layers x samples x units:
+    one row of ``STATS`` per layer), as one tensor on its device (no host sync).
 
     Each full-size pass costs little next to each operation's own overhead at these sizes, so
     the units' minima and maxima are taken once and serve dead, varying and the layer's range."""
-    n, n_units = x.shape
-    lo_u, hi_u = x.amin(0), x.amax(0)
-    lo, hi = lo_u.min(), hi_u.max()
+    if x.dim() == 2:
+        return unit_stats(x.unsqueeze(0), eps)[0]
+    n_layers, n, n_units = x.shape
+    lo_u, hi_u = x.amin(1), x.amax(1)  # layers x units
+    lo, hi = lo_u.amin(1, keepdim=True), hi_u.amax(1, keepdim=True)  # layers x 1
     dead = (lo_u == 0) & (hi_u == 0)
     # Saturation as the distance from the range's centre: sigmoid-like outputs (none negative)
     # lie in [0, 1] around 0.5, tanh-like ones in [-1, 1] around 0; near a bound is within eps.
-    centre = (lo >= 0) * 0.5
+    centre = ((lo >= 0) * 0.5).unsqueeze(1)  # layers x 1 x 1
     off_centre = (x - centre).abs_()
-    near = (off_centre > (1 - eps) - centre).sum(0)
+    near = (off_centre > (1 - eps) - centre).sum(1)
     # No output exactly 0 (a ReLU's zeros are not a sigmoid's): with none negative the minimum
     # is above 0; otherwise the smallest distance from the centre 0 is.
-    no_zero = torch.where(lo >= 0, lo, off_centre.amin()) > 0
+    no_zero = torch.where(lo >= 0, lo, off_centre.amin((1, 2)).unsqueeze(1)) > 0
     bounded = (torch.maximum(-lo, hi) <= 1) & no_zero
     saturated = (near >= SATURATED_SAMPLES * n) & bounded
     # Copies: units equal on every sample (up to float rounding). Two projections of each unit's
     # column onto fixed random sample weights are equal for copies and, for units that differ,
     # equal by chance only: sorted, a copy sits next to its twin. N x U work, not N x U x U.
     # Elementwise, not a matmul: BLAS takes milliseconds for this skinny product on a busy CPU.
-    proj = (_projections(n, x.dtype, x.device) * x).sum(1)  # 2 x U
-    order = proj[0].argsort()
-    p = proj[:, order]
-    tol = 1e-5 * (proj.abs().amax(1, keepdim=True) + 1e-30)
-    close = ((p[:, 1:] - p[:, :-1]).abs() <= tol).all(0)  # unit k and k+1, in sorted order
-    twin = torch.zeros(n_units, dtype=torch.bool, device=x.device)
-    twin[1:] |= close
-    twin[:-1] |= close
-    same = torch.empty_like(twin).scatter_(0, order, twin)
+    proj = (_projections(n, x.dtype, x.device) * x.unsqueeze(1)).sum(2)  # layers x 2 x units
+    order = proj[:, 0].argsort(1)
+    p = proj.gather(2, order.unsqueeze(1).expand(-1, 2, -1))
+    tol = 1e-5 * (proj.abs().amax(2, keepdim=True) + 1e-30)
+    close = ((p[:, :, 1:] - p[:, :, :-1]).abs() <= tol).all(1)  # unit k and k+1, sorted
+    twin = torch.zeros(n_layers, n_units, dtype=torch.bool, device=x.device)
+    twin[:, 1:] |= close
+    twin[:, :-1] |= close
+    same = torch.empty_like(twin).scatter_(1, order, twin)
     # Units that do not vary (dead, or saturated on every sample) are alike for another reason.
     alike = same & (hi_u > lo_u) & ~saturated
-    share = torch.stack([dead, saturated, alike]).float().mean(1)
-    return torch.cat([torch.tensor([float(n_units)], device=x.device), share])
+    share = torch.stack([dead, saturated, alike], 2).float().mean(1)
+    return torch.cat([share.new_full((n_layers, 1), float(n_units)), share], 1)

@@ -387,10 +387,15 @@ class GradientMonitor(Callback):
     def on_before_backward(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Tensor
     ) -> None:
+        if not (self._enabled and self._batch_logs):
+            return
+        # The forward is over: the activation statistics are taken now, while the backward still
+        # needs the layers' inputs, rather than keeping those inputs alive after it.
+        self._probe.detach()
         # The carried-gradient check follows a logging step's backward from here, after
         # Lightning's closure (and a manual step's own code) has run zero_grad: a parameter whose
         # .grad is None now carries nothing and needs no hook (see FreshGradients).
-        if self._enabled and self._batch_logs and self._follow_backward:
+        if self._follow_backward:
             self._fresh.attach([p for opt in trainer.optimizers for p in optimizer_params(opt)])
 
     @override
