@@ -2,6 +2,7 @@
 what goes wrong. One idea per file:
 
 - ``callback.py``: :class:`GradientMonitor`, the hooks and their cadence; delegates the rest
+- ``logging_step.py``: a logging step after its optimizer step: one transfer, then the writes
 - ``arguments.py``: the argument checks, one line each, raised when the monitor is built
 - ``names.py``: which parameters, their names and layers, and tags that never collide
 - ``stats.py``: norms and counts on the gradients' device, and the one transfer to the host

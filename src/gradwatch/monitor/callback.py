@@ -1,6 +1,7 @@
 """GradientMonitor, the Lightning callback: arguments, hooks and cadence. Every computation is
-delegated: statistics on the device (``stats``), histograms (``histograms``), tags and scalars
-(``names``, ``scalars``), alert rules (``health``) and writing (``writers``)."""
+delegated: statistics on the device (``stats``, ``activations``, ``fresh``, ``every_step``),
+tags (``names``), and a logging step's transfer, scalars, alerts and writes after its optimizer
+step (``logging_step``)."""
 
 import json
 import math
@@ -18,22 +19,15 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from gradwatch.monitor import arguments, first_screen, histograms, sharded, spikes, stats, writers
-from gradwatch.monitor.activations import STATS, ActivationProbe
-from gradwatch.monitor.alerts import Alert, GradientAlert
+from gradwatch.monitor import arguments, first_screen, sharded, spikes, stats
+from gradwatch.monitor.activations import ActivationProbe
+from gradwatch.monitor.alerts import GradientAlert
 from gradwatch.monitor.arguments import check_bool, check_choice, check_int, check_number
-from gradwatch.monitor.every_step import (
-    StepBuffer,
-    StepRecord,
-    StepValues,
-    checked_events,
-)
+from gradwatch.monitor.every_step import StepBuffer, StepRecord
 from gradwatch.monitor.fresh import FreshGradients
-from gradwatch.monitor.health import Health, Observation, Thresholds, format_table
+from gradwatch.monitor.health import Health, Thresholds, format_table
+from gradwatch.monitor.logging_step import StepFinisher, TakenStep
 from gradwatch.monitor.names import Tags, optimizer_params, parameter_names, stored_values
-from gradwatch.monitor.scalars import step_scalars
-from gradwatch.monitor.stats import Measurement
-from gradwatch.monitor.writers import ScalarStep
 
 # Strategies that shard parameters in ways the monitor cannot combine (flat parameters, ZeRO
 # partitions): each rank's gradients are a slice of the model's, and norms of a slice are not the
@@ -252,9 +246,10 @@ class GradientMonitor(Callback):
         self._tb: TensorBoardLogger | None = None
         self._names: dict[int, str] = {}
         self._tags = Tags([])
-        self._pending: list[Measurement] = []
-        self._step = -1
-        self._write_scalars = self._write_hist = False
+        # The logging step being taken, from its first measurement to its end (on_train_batch_end),
+        # and what finishes it (from on_train_start).
+        self._taken: TakenStep | None = None
+        self._finisher: StepFinisher | None = None
         self._measured_once = self._warned_unmeasured = False
         # FSDP2: every rank measures its shards, and each logging step combines them.
         self._sharded = False
@@ -262,9 +257,6 @@ class GradientMonitor(Callback):
         self._first_bad_step: Tensor | None = None
         # Parameters that require grad but are in no optimizer's param groups, by name.
         self._unoptimized: list[tuple[str, Tensor]] = []
-        # The logging step's parameters without a gradient, and those with one no optimizer steps.
-        self._no_gradient: list[str] = []
-        self._not_optimized: list[str] = []
         self._read_first_loss = False
         self._hooks_allowed = True
         self._fresh = FreshGradients()
@@ -274,8 +266,6 @@ class GradientMonitor(Callback):
         # scalars at the cadence. True until the first batch says otherwise.
         self._batch_writes = self._batch_logs = True
         self._first_steps = True  # the first loss and the check that Lightning steps are pending
-        # Per optimizer of the step: (carried, fresh) norms, None where nothing was carried.
-        self._carried: list[Tensor | None] = []
 
     @property
     def history(self) -> dict[str, Any]:
@@ -360,6 +350,24 @@ class GradientMonitor(Callback):
         self._every_step_work = (
             self.every_step and self._scalar_every > 0
         ) or self.on_nonfinite == "stop"
+        self._finisher = StepFinisher(
+            tags=self._tags,
+            norm_types=self.norm_types,
+            health=self.health,
+            spikes=self._spikes,
+            probe=self._probe,
+            buffer=self._buffer,
+            scaler=self._scaler,
+            tb=self._tb,
+            sharded=self._sharded,
+            bins=self.bins,
+            histogram_min_values=self.histogram_min_values,
+            log_weight_norms=self.log_weight_norms,
+            log_update_ratio=self.log_update_ratio,
+            on_nonfinite=self.on_nonfinite,
+            on_spike=self.on_spike,
+            low_precision=self._low_precision,
+        )
         stepped = {id(p) for opt in trainer.optimizers for p in optimizer_params(opt)}
         self._unoptimized = [
             (self._tags.param(self._names[id(p)]), p)
@@ -425,14 +433,14 @@ class GradientMonitor(Callback):
         index = _index_of(optimizer, trainer.optimizers)
         names = self._param_names(params)
         self._probe.detach()  # the forward is over
-        self._step, self._write_scalars, self._write_hist = step, write_scalars, write_hist
-        if not self._pending:
-            self._no_gradient = []
-            self._not_optimized = [name for name, p in self._unoptimized if p.grad is not None]
-        self._no_gradient += [
+        taken = self._taken
+        if taken is None:  # the step's first optimizer
+            not_optimized = [name for name, p in self._unoptimized if p.grad is not None]
+            taken = self._taken = TakenStep(step, write_scalars, write_hist, not_optimized)
+        taken.no_gradient += [
             self._tags.param(n) for n, p in zip(names, params, strict=True) if p.grad is None
         ]
-        self._pending.append(
+        taken.measurements.append(
             stats.measure(
                 optimizer_index=index,
                 params=params,
@@ -449,7 +457,7 @@ class GradientMonitor(Callback):
         )
         if self._fresh.attached:
             # None: nothing carried (every parameter began the step without a .grad).
-            self._carried.append(self._fresh.carried_and_fresh(params))
+            taken.carried.append(self._fresh.carried_and_fresh(params))
         self._skip_if_spike(recorded, params)
 
     def _writes_at(self, trainer: "pl.Trainer", step: int) -> tuple[bool, bool]:
@@ -523,7 +531,7 @@ class GradientMonitor(Callback):
         # Most steps: nothing hooked, measured or recorded, and the first steps' checks done.
         if not (
             self._batch_logs
-            or self._pending
+            or self._taken is not None
             or self._recorded_step is not None
             or self._first_steps
         ):
@@ -538,20 +546,22 @@ class GradientMonitor(Callback):
                 clipped=bool(trainer.gradient_clip_val),
             )
             self._recorded_step = None
-        if self._pending:
+        if self._taken is not None:
             self._fresh.clear()  # measured: the next logging step follows its own
         if not self._read_first_loss:
             self._read_first_loss = True
             if self.health.observed.first_loss is None:  # a resumed run has its own
                 self._take_first_loss(trainer, outputs)
-        if not self._pending:
+        if self._taken is None:
             if not (self._measured_once or self._warned_unmeasured):
                 self._warn_if_stepped_outside_lightning(trainer, pl_module)
             self._first_steps = not (self._measured_once or self._warned_unmeasured)
             return
-        pending, self._pending = self._pending, []
+        taken, self._taken = self._taken, None
+        first_bad, self._first_bad_step = self._first_bad_step, None
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        self._finish(trainer, pending, loss if isinstance(loss, Tensor) else None)
+        assert self._finisher is not None  # measured: the monitor is on
+        self._finisher.finish(trainer, taken, loss if isinstance(loss, Tensor) else None, first_bad)
 
     def _take_first_loss(self, trainer: "pl.Trainer", outputs: Any) -> None:
         # The rules measure progress from the loss at the start; the first logged one may come
@@ -565,8 +575,9 @@ class GradientMonitor(Callback):
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._pending = []
-        self._flush_steps(trainer)  # the steps after the last logging step
+        self._taken = None
+        if self._finisher is not None:  # every_step: the steps after the last logging step
+            self._finisher.flush_steps(trainer)
         if not self._enabled or not trainer.is_global_zero:
             return
         summary = self.summary()
@@ -583,8 +594,8 @@ class GradientMonitor(Callback):
         # The steps before a checkpoint are written with it, so that a run resumed from it has
         # them all (a run stopped between two logging steps included). Under FSDP2 they wait:
         # writing them would take a collective inside the checkpoint's save.
-        if not self._sharded:
-            self._flush_steps(trainer)
+        if not self._sharded and self._finisher is not None:
+            self._finisher.flush_steps(trainer)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -595,244 +606,6 @@ class GradientMonitor(Callback):
         self.health.load_state_dict(state_dict)
         if "spikes" in state_dict:
             self._spikes.load_state_dict(state_dict["spikes"])
-
-    # ------------------------------------------------------------------------------------------
-    # A logging step: measured before the optimizer step, finished after it
-    # ------------------------------------------------------------------------------------------
-
-    def _finish(
-        self, trainer: "pl.Trainer", pending: list[Measurement], loss: Tensor | None
-    ) -> None:
-        """After the optimizer step: the update norms, the one transfer, then scalars, alerts and
-        histograms."""
-        parts = [part for m in pending for part in stats.device_parts(m)]
-        # Lightning clips after the measuring hook; the gradients hold the clipped values until
-        # the next zero_grad, so the clipped total is measured from them.
-        grads = [g for m in pending for g in m.grads]
-        clipped = bool(trainer.gradient_clip_val) and bool(grads)
-        if clipped:
-            parts.append((stats.total_norm(grads), sharded.norm(2.0)))
-        if loss is not None and self._write_scalars:
-            if self._sharded:  # the mean over the ranks joins the step's one all-reduce
-                parts.append((loss.detach().reshape(1), sharded.MEAN))
-            else:
-                parts.append((self._logged_loss(trainer, loss), sharded.SAME))
-        first_bad = self._first_bad_step
-        if first_bad is not None:
-            # None yet (-1) travels as +inf, so that the earliest step over the ranks is the min.
-            bad = first_bad.reshape(1).to(stats.exact_dtype(first_bad.device))
-            parts.append((torch.where(bad < 0, math.inf, bad), sharded.MIN))
-            self._first_bad_step = None
-        activations = dict(self._probe.stats) if self._write_scalars else {}
-        # Activation histograms (on request): the outputs the probe kept, under the layer's tag.
-        activation_values = {
-            self._tags.layer(layer): values for layer, values in self._probe.values.items()
-        }
-        self._probe.stats, self._probe.values = {}, {}
-        # Each rank's share of dead, saturated or alike units is of its own batch: their mean.
-        parts += [(a, sharded.MEAN) for a in activations.values()]
-        followed = bool(self._carried)  # the carried-gradient check ran: 0 unless measured
-        carried_pairs = [c for c in self._carried if c is not None]
-        carried = torch.stack(carried_pairs).norm(dim=0) if carried_pairs else None
-        self._carried = []
-        if carried is not None:
-            parts.append((carried, sharded.norm(2.0)))
-        scaler = self._scaler
-        amp_scale = (
-            scaler._get_scale_async() if scaler is not None and scaler.is_enabled() else None
-        )
-        if amp_scale is not None:
-            parts.append((amp_scale.detach().reshape(1).float(), sharded.SAME))
-        # every_step: the steps since the last logging step, this one included, in the transfer.
-        buffered = bool(self._buffer.records) and self._write_scalars
-        if buffered:
-            parts += self._buffer.parts(self._sharded)
-        jobs_tensors: list[Tensor] = []
-        if self._write_hist and self._tb is not None:
-            for m in pending:
-                grads = zip(m.grad_names, m.grad_copies or [], strict=False)
-                jobs_tensors += [t for n, t in grads if self._drawn(m.grad_numels[n])]
-                weights = zip(m.weight_names, m.before or [], strict=False)
-                jobs_tensors += [t for n, t in weights if self._drawn(m.weight_numels[n])]
-            jobs_tensors += list(activation_values.values())
-            if self._sharded:
-                parts += sharded.histogram_parts(jobs_tensors)
-            else:
-                parts += [(t, sharded.SAME) for t in histograms.device_stats(jobs_tensors)]
-
-        if self._sharded:
-            host = stats.to_host(sharded.all_reduce(parts))  # the step's one all-reduce
-        else:
-            host = stats.to_host([t for t, _ in parts])  # the one transfer of the step
-        measured = [(m.optimizer_index, stats.read(m, host)) for m in pending]
-        scale = next((v.scale for _, v in measured if v.scale != 1.0), 1.0)
-        clipped_total = next(host)[0] / scale if clipped else None
-        loss_value = next(host)[0] if loss is not None and self._write_scalars else None
-        bad_step = next(host)[0] if first_bad is not None else math.inf
-        activation_stats = {
-            self._tags.layer(layer): dict(zip(STATS, next(host), strict=True))
-            for layer in activations
-        }
-        if activation_stats:  # what the probe decides its next measured step from
-            shares = [values[stat] for values in activation_stats.values() for stat in STATS[1:]]
-            self._probe.largest_share = max(shares)
-        carried_share = 0.0 if followed else None
-        if carried is not None:
-            carried_norm, fresh_norm = next(host)
-            ok = math.isfinite(carried_norm) and math.isfinite(fresh_norm) and fresh_norm > 0
-            carried_share = carried_norm / fresh_norm if ok else None
-        amp_scale_value = next(host)[0] if amp_scale is not None else None
-        steps = self._buffer.read(host, self._sharded) if buffered else []
-        every_stepped = len(trainer.optimizers) <= 1 or len({i for i, _ in measured}) == len(
-            trainer.optimizers
-        )
-        scalars = step_scalars(
-            measured,
-            self._tags,
-            self.norm_types,
-            every_stepped,
-            clipped_total,
-            weight_norms=self.log_weight_norms,
-            update_ratios=self.log_update_ratio,
-        )
-        if self._write_scalars:
-            alerts = self.health.observe(
-                Observation(
-                    step=self._step,
-                    layer_norms=scalars.layer_norms,
-                    totals=scalars.totals,
-                    nonfinite=scalars.nonfinite,
-                    update_ratios=scalars.update_ratios,
-                    loss=loss_value,
-                    first_bad_step=int(bad_step) if math.isfinite(bad_step) else None,
-                    overflow_expected=scaler is not None,
-                    no_gradient=self._no_gradient,
-                    not_optimized=self._not_optimized,
-                    activations=activation_stats,
-                    amp_scale=amp_scale_value,
-                    weight_norms=scalars.weight_norms,
-                    carried_gradient=carried_share,
-                    low_precision=self._low_precision,
-                )
-            )
-            if self.on_nonfinite == "stop" and self.health.nonfinite_now():
-                trainer.should_stop = True
-        else:
-            alerts = []
-        events, found, spike_alerts = self._every_step_events(trainer, steps)
-        alerts += spike_alerts
-        hists = []
-        if jobs_tensors and self._tb is not None and (self._sharded or trainer.is_global_zero):
-            # Under sharding every rank bins its shards: the counts are summed over the ranks.
-            jobs = self._histogram_jobs(pending, measured)
-            # Their norms are not among the scalars: NaN has them taken with the bins.
-            jobs += [
-                histograms.Job(f"activation_hist/{layer}", values, math.nan)
-                for layer, values in activation_values.items()
-            ]
-            binned = sharded.histograms if self._sharded else histograms.histograms
-            hists = binned(jobs, host, self.bins)
-        if not trainer.is_global_zero:
-            # Other ranks hold the same all-reduced gradients and loss: they keep the same alert
-            # state (so `should_stop` agrees on every rank without a collective of its own) but
-            # write nothing.
-            return
-        self._raise_alerts(alerts)
-        # Every step's events but this one's, which is written in full below.
-        events = [e for e in events if e[0] != self._step]
-        writers.write_scalar_steps(trainer.loggers, events)
-        if self._write_scalars:
-            for layer, values in activation_stats.items():
-                for stat in STATS[1:]:
-                    scalars.metrics[f"activation/{stat}/{layer}"] = values[stat]
-            scalars.metrics.update(self._spikes.tags(self._step, found))
-            log10 = first_screen.log10_scalars(scalars.layer_norms, scalars.update_ratios)
-            writers.write_scalars(trainer.loggers, scalars.metrics, self._step, log10)
-        if hists:
-            writers.write_histograms(self._tb, hists, self._step)
-
-    def _flush_steps(self, trainer: "pl.Trainer") -> None:
-        """every_step: the steps not yet written (after the last logging step), in a transfer
-        of their own; their spikes checked, their alerts raised."""
-        if not self._buffer.records:
-            return
-        parts = self._buffer.parts(self._sharded)
-        if self._sharded:
-            host = stats.to_host(sharded.all_reduce(parts))
-        else:
-            host = stats.to_host([t for t, _ in parts])
-        steps = self._buffer.read(host, self._sharded)
-        events, _, alerts = self._every_step_events(trainer, steps)
-        if not trainer.is_global_zero:
-            return
-        self._raise_alerts(alerts)
-        writers.write_scalar_steps(trainer.loggers, events)
-
-    def _every_step_events(
-        self, trainer: "pl.Trainer", steps: list[StepValues]
-    ) -> tuple[list[ScalarStep], dict[int, dict[str, float]], list[Alert]]:
-        """every_step: each step's event, its spikes, and their alerts, recorded with the others
-        (``gradients.json``)."""
-        spikes_ = None if self.on_spike == "off" else self._spikes
-        events, found, alerts = checked_events(
-            steps, self._tags, self.norm_types, len(trainer.optimizers), spikes_
-        )
-        for alert in alerts:
-            self.health.add(alert)
-        return events, found, alerts
-
-    def _raise_alerts(self, alerts: list[Alert]) -> None:
-        for alert in alerts:
-            rank_zero_warn(GradientAlert(f"GradientMonitor: {alert.line()}", alert))
-            if self._tb is not None:
-                writers.write_alert(self._tb, alert)
-
-    @staticmethod
-    def _logged_loss(trainer: "pl.Trainer", loss: Tensor) -> Tensor:
-        """The step's loss as ``self.log(..., sync_dist=True)`` logs it: under data parallelism
-        the mean of the ranks' losses (one small all-reduce, on logging steps only), so every
-        rank's alerts quote the logged loss and fire at the single-process run's steps. Like
-        DDP's gradient average, the mean does not weight the ranks by their shares of the batch.
-        """
-        loss = loss.detach().reshape(1)
-        if trainer.world_size == 1:
-            return loss
-        # A copy (all_reduce is in place; the step's output is the module's), in float32 or
-        # float64 as Lightning reduces logged values.
-        dtype = loss.dtype if loss.dtype in (torch.float32, torch.float64) else torch.float32
-        loss = loss.to(dtype, copy=True)
-        torch.distributed.all_reduce(loss)
-        return loss.div_(trainer.world_size)
-
-    def _histogram_jobs(
-        self, pending: list[Measurement], measured: list[tuple[int, stats.HostValues]]
-    ) -> list[histograms.Job]:
-        """The step's gradient and weight copies to bin, in ``device_stats``'s order."""
-        jobs = []
-        for m, (_, values) in zip(pending, measured, strict=True):
-            scale = values.scale
-            for name, copy in zip(m.grad_names, m.grad_copies or [], strict=True):
-                numel = m.grad_numels[name]
-                if not self._drawn(numel):
-                    continue
-                # The norm of the copy as it is (still scaled where the values are).
-                norm = values.grad_norms[2.0][name] * scale
-                tag = f"grad_hist/{self._tags.param(name)}"
-                jobs.append(histograms.Job(tag, copy, norm, scale, numel=numel))
-            for name, copy in zip(m.weight_names, m.before or [], strict=True):
-                numel = m.weight_numels[name]
-                if not self._drawn(numel):
-                    continue
-                norm = values.weight_norms[name]
-                tag = f"weight_hist/{self._tags.param(name)}"
-                jobs.append(histograms.Job(tag, copy, norm, numel=numel))
-        return jobs
-
-    def _drawn(self, numel: int) -> bool:
-        """Whether a tensor of ``numel`` values (the whole tensor's, under sharding: every rank
-        decides alike) gets a histogram: below ``histogram_min_values`` values it would be a few
-        spikes with overlapping labels, and its norm scalars say the same."""
-        return numel >= self.histogram_min_values
 
     def _track_nonfinite(self, params: list[Tensor], step: int) -> None:
         grads = [stored_values(p.grad) for p in params if p.grad is not None]
