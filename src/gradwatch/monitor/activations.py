@@ -16,6 +16,11 @@ The units are the input's channels (dimension 1 of a convolution's input) or its
 - ``alike``: the share of units that vary over the samples and are a copy of another unit on every
   sample (units that started with the same weights stay the same).
 
+The hooks keep what they receive; the statistics are taken when the probe is detached, after
+the forward, layers of one shape stacked into one computation: these small tensor operations cost
+their dispatch more than their arithmetic, so a deep network of equal widths costs about what one
+of its layers does.
+
 Not every logging step is measured: the hooks and the statistics cost about a training step of a
 small network, and the problems they look for last. The first logging step is measured, then
 every ``measure_every``-th; once a layer's dead, saturated or alike share reaches ``watch``, every
