@@ -10,7 +10,7 @@ import torch
 from test_monitor import Module, fit, histograms, read_events, scalars
 from torch import nn
 
-from gradwatch.monitor import GradientAlert, GradientMonitor
+from gradwatch.monitor import GradientAlert, GradientMonitor, activations
 from gradwatch.monitor.activations import STATS, ActivationProbe, unit_stats
 
 
@@ -36,9 +36,12 @@ def test_unit_stats_by_hand():
     assert stats(r)["saturated"] == 0.0 and stats(r)["dead"] == 0.5
 
 
-def test_layers_of_one_shape_are_measured_together_as_each_alone():
-    """The probe measures layers of one shape in one computation: each layer's statistics equal
-    those of its input measured alone, whatever its neighbours (dead, copied, saturated)."""
+@pytest.mark.parametrize("stacked_values", [activations.STACKED_VALUES, 1, 400])
+def test_layers_of_one_shape_are_measured_together_as_each_alone(monkeypatch, stacked_values):
+    """The probe measures layers of one shape in stacks (all of them, one by one, two or three
+    at a time): each layer's statistics equal those of its input measured alone, whatever its
+    neighbours (dead, copied, saturated)."""
+    monkeypatch.setattr(activations, "STACKED_VALUES", stacked_values)
     torch.manual_seed(0)
     widths = [3, 6, 6, 6, 4, 4, 2]
     layers = [nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)]

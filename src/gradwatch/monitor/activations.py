@@ -43,9 +43,12 @@ from gradwatch.layers import layer_of
 
 STATS = ("units", "dead", "saturated", "alike")
 # Samples and units looked at per layer: enough to tell a dead or copied unit, and a bound on the
-# cost (the pairwise distances are units x units x samples).
+# cost (samples x units per layer).
 MAX_SAMPLES = 512
 MAX_UNITS = 512
+# Layers of one shape are measured together in stacks of at most this many values (their
+# working copies, twice that, stay a few MB on a GPU: eight layers of 512 x 512).
+STACKED_VALUES = 2**21
 # A unit saturated on this share of the samples is saturated.
 SATURATED_SAMPLES = 0.95
 # Logging steps measured while every layer looks healthy: one in this many. A share at or over
@@ -120,9 +123,13 @@ class ActivationProbe:
         for layer, units in self._received.items():
             by_shape.setdefault((units.shape, units.device), []).append(layer)
         measured = {}
-        for layers in by_shape.values():
-            stacked = torch.stack([self._received[layer] for layer in layers])
-            measured.update(zip(layers, unit_stats(stacked, self.eps), strict=True))
+        for (shape, _), layers in by_shape.items():
+            # In stacks of at most STACKED_VALUES values: their working copies stay a few MB.
+            size = max(1, STACKED_VALUES // shape.numel())
+            for start in range(0, len(layers), size):
+                chunk = layers[start : start + size]
+                stacked = torch.stack([self._received[layer] for layer in chunk])
+                measured.update(zip(chunk, unit_stats(stacked, self.eps), strict=True))
         # In the forward's order, as the logs and alerts name the layers.
         self.stats = {layer: measured[layer] for layer in self._received}
         self._received = {}
