@@ -432,7 +432,9 @@ class GradientMonitor(Callback):
         scale = self._scale_of(optimizer)
         index = _index_of(optimizer, trainer.optimizers)
         names = self._param_names(params)
-        self._probe.detach()  # the forward is over
+        # The forward is over; detached already unless the backward bypassed Lightning's
+        # on_before_backward (a manual step's plain loss.backward()).
+        self._probe.detach()
         taken = self._taken
         if taken is None:  # the step's first optimizer
             not_optimized = [name for name, p in self._unoptimized if p.grad is not None]

@@ -4,6 +4,7 @@ update norms, the activation statistics, every_step's buffered steps and the los
 scalars, the alerts and the histograms are worked out and written (:class:`StepFinisher`)."""
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,10 +131,7 @@ class StepFinisher:
             else:
                 parts += [(t, sharded.SAME) for t in histograms.device_stats(jobs_tensors)]
 
-        if self.sharded:
-            host = stats.to_host(sharded.all_reduce(parts))  # the step's one all-reduce
-        else:
-            host = stats.to_host([t for t, _ in parts])  # the one transfer of the step
+        host = self._to_host(parts)
         measured = [(m.optimizer_index, stats.read(m, host)) for m in taken.measurements]
         scale = next((v.scale for _, v in measured if v.scale != 1.0), 1.0)
         clipped_total = next(host)[0] / scale if clipped else None
@@ -226,17 +224,20 @@ class StepFinisher:
         of their own; their spikes checked, their alerts raised."""
         if not self.buffer.records:
             return
-        parts = self.buffer.parts(self.sharded)
-        if self.sharded:
-            host = stats.to_host(sharded.all_reduce(parts))
-        else:
-            host = stats.to_host([t for t, _ in parts])
+        host = self._to_host(self.buffer.parts(self.sharded))
         steps = self.buffer.read(host, self.sharded)
         events, _, alerts = self._every_step_events(trainer, steps)
         if not trainer.is_global_zero:
             return
         self._raise_alerts(alerts)
         writers.write_scalar_steps(trainer.loggers, events)
+
+    def _to_host(self, parts: list[tuple[Tensor, sharded.Across]]) -> Iterator[list[float]]:
+        """The parts on the host in one transfer; under FSDP2, combined over the ranks in one
+        all-reduce first."""
+        if self.sharded:
+            return stats.to_host(sharded.all_reduce(parts))
+        return stats.to_host([t for t, _ in parts])
 
     def _every_step_events(
         self, trainer: "pl.Trainer", steps: list[StepValues]

@@ -403,9 +403,8 @@ def no_update(h: History, t: Thresholds) -> Finding | None:
     common = f"the weights of {{layers}} did not change at all at {n} logged steps in a row"
     common += f" (up to step {obs.step}) although their gradients are not zero"
     if dtypes and all(lay in obs.low_precision for lay in stuck):
-        dtype = dtypes[0] if len(dtypes) == 1 else " and ".join(dtypes)
         message = (
-            f"{common}: they are {dtype}, whose numbers are about 1 part in"
+            f"{common}: they are {' and '.join(dtypes)}, whose numbers are about 1 part in"
             f" {1 / _EPS[dtypes[0]]:.0f} apart, and a step of less than half that is rounded"
             " back to the same weight: every update is lost"
         )
