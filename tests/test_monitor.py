@@ -387,6 +387,69 @@ def test_mixed_dtypes_keep_every_value_with_its_parameter(tmp_path, hist_every):
             assert values[f"update_ratio/{layer}"][k] == pytest.approx(ratio, rel=1e-5), layer
 
 
+class GradientRecorder(Recorder):
+    """The weights at every batch start (``Recorder``) and copies of the gradients the
+    optimizer steps with."""
+
+    def __init__(self):
+        super().__init__()
+        self.grads = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append({n: p.grad.clone() for n, p in pl_module.net.named_parameters()})
+
+
+class DeadUnitNet(nn.Module):
+    """2-4-1 with ReLU, its first hidden unit dead (a bias of -100): that unit's weights get
+    gradients of exactly 0, which no optimizer step is asked to apply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(2, 4), nn.Linear(4, 1)
+        with torch.no_grad():
+            self.fc1.bias[0] = -100.0
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [lambda p: torch.optim.SGD(p, lr=0.05), lambda p: torch.optim.Adam(p, lr=1e-3)],
+    ids=["sgd", "adam"],
+)
+def test_bf16_weights_rounded_away_share_equals_the_weights_that_stayed(tmp_path, optimizer):
+    """``update_rounded_away/<layer>`` of bfloat16 weights: of the values whose gradient was not
+    0, the share the step left exactly as they were, recomputed from the weights before and
+    after each step and the gradients the optimizer got."""
+    recorder = GradientRecorder()
+    trainer, _ = fit(
+        tmp_path,
+        GradientMonitor(),
+        module=lambda: Module(net=DeadUnitNet(), optimizer=optimizer),
+        loader=xor_loader(x=X_XOR.bfloat16(), y=Y_XOR.bfloat16()),
+        precision="bf16-true",
+        max_epochs=8,
+        extra_callbacks=[recorder],
+    )
+    values = scalars(read_events(trainer.logger.log_dir))
+    w, g = recorder.weights, recorder.grads
+    shares = []
+    for k in range(8):
+        for layer in ("fc1", "fc2"):
+            names = [f"{layer}.weight", f"{layer}.bias"]
+            asked = torch.cat([(g[k][n] != 0).flatten() for n in names])
+            stayed = torch.cat([(w[k + 1][n] == w[k][n]).flatten() for n in names])
+            share = (asked & stayed).sum().item() / asked.sum().item()
+            assert values[f"update_rounded_away/{layer}"][k] == pytest.approx(share, abs=1e-7)
+            shares.append(share)
+    assert 0 < max(shares) and min(shares) < 1  # some updates lost, some applied
+    # float32 weights have no such tag.
+    trainer, _ = fit(tmp_path / "f32", GradientMonitor(), max_epochs=2)
+    assert not any(t.startswith("update_rounded_away/") for t in scalars(read_events(
+        trainer.logger.log_dir)))
+
+
 def plain_sgd(steps, lr, clip=None, batches=None):
     """The tutorial's loop in plain PyTorch: the gradient before clipping at every step."""
     torch.manual_seed(0)

@@ -40,6 +40,8 @@ ONLY_WHEN_UNHEALTHY = (
     "spike/loss",
     "spike/skipped_steps",
 )
+# Written for 16-bit weights only (the tutorial's are float32); test_monitor.py checks them.
+ONLY_IN_16_BIT = ("update_rounded_away/<layer>",)
 # val/loss and val/acc exist only for a dataset with a held-out split: xor has none.
 VAL_RUN = ("data=moons", "model.loss=bce_with_logits", "trainer.max_epochs=50")
 
@@ -137,7 +139,8 @@ def test_every_documented_tag_is_in_the_event_files(default_tags, val_tags):
     tags = default_tags
     both = {k: tags.get(k, set()) | val_tags.get(k, set()) for k in {*tags, *val_tags}}
     missing = []
-    for pattern in (p for row in tag_table() for p in row if p not in ONLY_WHEN_UNHEALTHY):
+    absent = ONLY_WHEN_UNHEALTHY + ONLY_IN_16_BIT
+    for pattern in (p for row in tag_table() for p in row if p not in absent):
         # val/ rows (and whatever Lightning writes with them) only from the moons run.
         for regex in expand(pattern):
             if not any(re.fullmatch(regex, t) for t in both.get(plugin_of(pattern), ())):

@@ -296,6 +296,85 @@ def test_no_update_sees_weights_that_do_not_move_under_a_real_gradient():
     assert rules.no_update(history(done, first_loss=0.25), T) is None
 
 
+def test_16_bit_weights_rest_once_the_loss_is_a_hundredth_of_the_first():
+    """bfloat16 weights cannot follow a loss as far down as float32 ones: at 1e-3 of the first
+    loss their steps round away, and that is convergence, not a lost update; float32 weights
+    still at that loss are another matter."""
+    ratios = {"fc1": 0.0, "fc2": 1e-3}
+    bf16 = {"low_precision": {"fc1": "bfloat16"}}
+    low = [obs(s, loss=1e-3, ratios=ratios, **bf16) for s in range(3)]
+    assert rules.no_update(history(low, first_loss=1.0), T) is None
+    wide = [obs(s, loss=1e-3, ratios=ratios) for s in range(3)]
+    assert rules.no_update(history(wide, first_loss=1.0), T).layers == ["fc1"]
+    above = [obs(s, loss=0.02, ratios=ratios, **bf16) for s in range(3)]
+    assert rules.no_update(history(above, first_loss=1.0), T).layers == ["fc1"]
+
+
+def lost(step, shares, loss=0.7, dtype="bfloat16", **kwargs):
+    """A logging step of 16-bit layers that moved (update ratio 1e-4) but left ``shares`` of
+    their asked values as they were."""
+    kwargs.setdefault("low_precision", dict.fromkeys(shares, dtype))
+    norms = dict.fromkeys(shares, 0.1)
+    ratios = dict.fromkeys(shares, 1e-4)
+    return obs(step, norms=norms, loss=loss, ratios=ratios, rounded_away=shares, **kwargs)
+
+
+def test_no_update_sees_16_bit_layers_whose_updates_are_mostly_rounded_away():
+    n = T.rounded_away_patience
+    shares = {"fc1": 0.96, "fc2": 0.3, "fc3": 0.6}
+    steps = [lost(s, shares) for s in range(n)]
+    finding = rules.no_update(history(steps), T)
+    assert (finding.kind, finding.layers) == ("no_update", ["fc1", "fc3"])  # not fc2: 30%
+    assert finding.details["fc1"] == "fc1 (96% rounded away)"
+    assert "1 part in 128" in finding.message and f"last {n} logged steps" in finding.message
+    assert "bf16-mixed" in finding.fix
+    assert finding.evidence["rounded_away"] == {"fc1": 0.96, "fc3": 0.6}
+    # float16: 1 part in 1024.
+    half = rules.no_update(history([lost(s, shares, dtype="float16") for s in range(n)]), T)
+    assert "1 part in 1024" in half.message
+    # Patience: n logs in a row, each at or over the share.
+    assert rules.no_update(history(steps[1:]), T) is None
+    dip = [*steps[:3], lost(3, {"fc1": 0.4, "fc2": 0.3, "fc3": 0.6}), *steps[4:]]
+    assert rules.no_update(history(dip), T).layers == ["fc3"]
+
+
+def test_rounded_away_updates_are_no_alert_while_the_loss_comes_down():
+    """Converged bfloat16 runs leave most of their tiny steps unapplied too (a healthy ReLU MLP
+    with Adam reaches 74%); what makes it a fault is a loss that has not come down."""
+    n, shares = T.rounded_away_patience, {"fc1": 0.9}
+    # The loss down 10% over the window (its smoothed value, the median of the last five, 8%):
+    # learning, if slowly.
+    falling = [lost(s, shares, loss=0.7 - 0.07 * s / (n - 1)) for s in range(n)]
+    assert rules.no_update(history(falling, first_loss=0.7), T) is None
+    flat = [lost(s, shares, loss=0.7 - 0.02 * s / (n - 1)) for s in range(n)]
+    assert rules.no_update(history(flat, first_loss=0.7), T).layers == ["fc1"]
+    converged_ = [lost(s, shares, loss=1e-4) for s in range(n)]
+    assert rules.no_update(history(converged_, first_loss=0.7), T) is None
+    # float32 layers have no rounded-away share; the rule reads only 16-bit ones.
+    wide = [lost(s, shares, low_precision={}) for s in range(n)]
+    assert rules.no_update(history(wide), T) is None
+    # A layer whose gradient vanishes next to the others' is vanishing's.
+    tiny = [
+        obs(
+            s,
+            norms={"fc1": 1e-9, "fc2": 1.0, "fc3": 1.0},
+            loss=0.7,
+            rounded_away={"fc1": 1.0},
+            low_precision={"fc1": "bfloat16"},
+        )
+        for s in range(n)
+    ]
+    assert rules.no_update(history(tiny), T) is None
+
+
+def test_a_flat_loss_with_rounded_away_updates_is_no_update_not_a_stall():
+    """A stall whose updates round away: the cause (16-bit weights), not "raise the learning
+    rate or use Adam", which in bfloat16 weights moves nothing either."""
+    tol = T.stall_patience
+    steps = [lost(s, {"fc1": 0.95, "fc2": 0.9}, loss=0.25) for s in range(max(tol, 10))]
+    assert kinds(steps) == {len(steps) - 1: [("no_update", ["fc1", "fc2"])]}
+
+
 def test_a_stall_whose_weights_do_not_move_is_reported_as_no_update():
     # The loss flat, every update ratio 0 under gradients of 1: the cause, not the stall.
     flat = [obs(s, loss=0.25, ratios={"fc1": 0.0, "fc2": 0.0}) for s in range(12)]

@@ -59,6 +59,8 @@ class GradientMonitor(Callback):
       none of these tags)
     - ``weight_norm/<layer>.<param>`` and ``update_ratio/<layer>``: the norm of the step's change of
       a layer's parameters over their norm before the step (healthy training sits near 1e-3)
+    - ``update_rounded_away/<layer>``, for 16-bit weights only (``bf16-true``, ``16-true``): of the
+      values whose gradient was not 0, the share the step left exactly as they were
 
     A parameter without a gradient at a step gets no gradient tags at that step. Where several
     optimizers step on different steps, each gets its own total (``grad_norm/total_optimizer1``).
@@ -460,7 +462,8 @@ class GradientMonitor(Callback):
         if self._fresh.attached:
             # None: nothing carried (every parameter began the step without a .grad).
             taken.carried.append(self._fresh.carried_and_fresh(params))
-        self._skip_if_spike(recorded, params)
+        if self._skip_if_spike(recorded, params):
+            taken.measurements[-1].stepped = False
 
     def _writes_at(self, trainer: "pl.Trainer", step: int) -> tuple[bool, bool]:
         """Whether ``step`` writes scalars, and whether it writes histograms."""
@@ -507,19 +510,21 @@ class GradientMonitor(Callback):
     def _param_names(self, params: list[Tensor]) -> list[str]:
         return [self._names.get(id(p), f"param{i}") for i, p in enumerate(params)]
 
-    def _skip_if_spike(self, recorded: StepRecord | None, params: list[Tensor]) -> None:
+    def _skip_if_spike(self, recorded: StepRecord | None, params: list[Tensor]) -> bool:
         """``on_spike="skip"``: when the step's total gradient norm is a spike, the optimizer
         does not step: torch's optimizers pass over parameters without a gradient (no update,
-        no momentum or Adam moment, no weight decay)."""
+        no momentum or Adam moment, no weight decay). True when it skips."""
         if recorded is None or not self._spikes.skip:
-            return
+            return False
         n = len(recorded.grad_names)
         total = torch.linalg.vector_norm(recorded.norms[:n].double())  # L2 comes first
         if recorded.scale is not None:
             total = total / recorded.scale.double()
-        if self._spikes.should_skip(recorded.step, recorded.optimizer_index, total):
-            for p in params:
-                p.grad = None
+        if not self._spikes.should_skip(recorded.step, recorded.optimizer_index, total):
+            return False
+        for p in params:
+            p.grad = None
+        return True
 
     @override
     def on_train_batch_end(

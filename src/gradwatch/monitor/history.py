@@ -35,6 +35,8 @@ class Observation:
             not measured (DDP, AMP).
         low_precision: the layers whose weights are 16-bit floats, with their dtype
             (``"bfloat16"``, ``"float16"``): a step below their resolution is rounded away.
+        rounded_away: per 16-bit layer, the share of the values its gradient asked to move
+            (not exactly 0) that the step left exactly as they were.
     """
 
     step: int
@@ -52,6 +54,7 @@ class Observation:
     weight_norms: dict[str, float] = field(default_factory=dict)
     carried_gradient: float | None = None
     low_precision: dict[str, str] = field(default_factory=dict)
+    rounded_away: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -181,6 +181,7 @@ class StepFinisher:
                     weight_norms=scalars.weight_norms,
                     carried_gradient=carried_share,
                     low_precision=self.low_precision,
+                    rounded_away=scalars.rounded_away,
                 )
             )
             if self.on_nonfinite == "stop" and self.health.nonfinite_now():

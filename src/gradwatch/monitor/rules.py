@@ -30,6 +30,11 @@ NONFINITE_POLICIES = ("warn", "stop")
 # A loss this fraction of the run's first loss means training has converged: tiny gradients are
 # the goal, not a fault.
 CONVERGED_LOSS_FRACTION = 1e-6
+# 16-bit weights cannot follow a loss as far down as float32 ones: the same XOR with Adam ends at
+# 4e-6 in bfloat16 weights (0 in float32), a small CNN at 1e-3 of its first loss, their weights
+# still because every step left is below their resolution. A 16-bit layer whose loss is below
+# this fraction of the first has converged as far as its precision allows.
+LOW_PRECISION_CONVERGED = 1e-2
 # Losses are compared as medians of this many logs: a mini-batch's loss is noisy.
 LOSS_SMOOTHING = History.SMOOTHING
 # Gradients summed step after step grow by about the same amount at each step: the largest
@@ -82,6 +87,12 @@ class Thresholds:
     skipped_patience: int = 3
     # Weights that did not move at all although their gradient is not zero, this many logs.
     no_update_patience: int = 3
+    # 16-bit weights that mostly did not move: at least this share of the values their gradient
+    # asked to move stayed put, at this many logs in a row, while the loss is still above this
+    # share of its first value (a run that learns slowly for it is not reported: see no_update).
+    rounded_away_fraction: float = 0.5
+    rounded_away_patience: int = 10
+    rounded_away_progress: float = 0.95
 
     def __post_init__(self) -> None:
         for name in (
@@ -93,6 +104,7 @@ class Thresholds:
             "activation_patience",
             "skipped_patience",
             "no_update_patience",
+            "rounded_away_patience",
         ):
             check_int(name, getattr(self, name), minimum=1)
         check_int("stall_patience", self.stall_patience, minimum=2)
@@ -113,6 +125,8 @@ class Thresholds:
             "dead_fraction",
             "saturated_fraction",
             "symmetric_fraction",
+            "rounded_away_fraction",
+            "rounded_away_progress",
         ):
             check_number(name, getattr(self, name), "a number in (0, 1]", lambda v: 0 < v <= 1)
         check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
@@ -389,7 +403,8 @@ def no_update(h: History, t: Thresholds) -> Finding | None:
     gradient was finite and not small (see ``_not_moved``), ``no_update_patience`` logs in a
     row: the optimizer's steps are lost. 16-bit weights (``bf16-true``, ``16-true``) round a
     step smaller than half the gap between two of their numbers back to the same weight; with
-    wider weights, the learning rate for them is 0."""
+    wider weights, the learning rate for them is 0. Or 16-bit layers most of whose updates are
+    lost (see ``_mostly_rounded_away``) while the loss has not come down."""
     n = t.no_update_patience
     stuck = [
         lay
@@ -397,22 +412,14 @@ def no_update(h: History, t: Thresholds) -> Finding | None:
         if ratio == 0.0 and len(h.trailing(lambda o, lay=lay: _not_moved(o, lay, h, t), n)) >= n
     ]
     if not stuck:
-        return None
+        return _mostly_rounded_away(h, t)
     obs = h.last
     dtypes = sorted({obs.low_precision[lay] for lay in stuck if lay in obs.low_precision})
     common = f"the weights of {{layers}} did not change at all at {n} logged steps in a row"
     common += f" (up to step {obs.step}) although their gradients are not zero"
     if dtypes and all(lay in obs.low_precision for lay in stuck):
-        message = (
-            f"{common}: they are {' and '.join(dtypes)}, whose numbers are about 1 part in"
-            f" {1 / _EPS[dtypes[0]]:.0f} apart, and a step of less than half that is rounded"
-            " back to the same weight: every update is lost"
-        )
-        fix = (
-            "keep the weights in float32 and compute in 16 bits (trainer.precision=bf16-mixed or"
-            " 16-mixed rather than bf16-true or 16-true), or use an optimizer that keeps float32"
-            " master weights"
-        )
+        message = f"{common}: {_rounding(dtypes)}: every update is lost"
+        fix = KEEP_FLOAT32_WEIGHTS
     else:
         message = f"{common}: the optimizer does not move them, its learning rate for them is 0"
         fix = (
@@ -436,10 +443,70 @@ def no_update(h: History, t: Thresholds) -> Finding | None:
     )
 
 
+KEEP_FLOAT32_WEIGHTS = (
+    "keep the weights in float32 and compute in 16 bits (trainer.precision=bf16-mixed or"
+    " 16-mixed rather than bf16-true or 16-true), or use an optimizer that keeps float32"
+    " master weights"
+)
+
+
+# The relative gap between two neighbouring 16-bit numbers (torch.finfo(dtype).eps).
+_EPS = {"bfloat16": 2.0**-7, "float16": 2.0**-10}
+
+
+def _rounding(dtypes: list[str]) -> str:
+    return (
+        f"they are {' and '.join(dtypes)}, whose numbers are about 1 part in"
+        f" {1 / _EPS[dtypes[0]]:.0f} apart, and a step of less than half that is rounded back"
+        " to the same weight"
+    )
+
+
+def _mostly_rounded_away(h: History, t: Thresholds) -> Finding | None:
+    """16-bit layers whose step left at least ``rounded_away_fraction`` of the values their
+    gradient asked to move exactly as they were, at each of the last ``rounded_away_patience``
+    logs, while the loss (smoothed) is still above ``rounded_away_progress`` of its first value:
+    the updates that would train them are mostly lost, and the run does not learn. A layer whose
+    gradient vanishes next to the others' is ``vanishing``'s."""
+    obs, n, share = h.last, t.rounded_away_patience, t.rounded_away_fraction
+    first, now = h.first_loss, h.smoothed_loss()
+    if first is None or now is None or first <= 0 or now < t.rounded_away_progress * first:
+        return None
+    layers = [
+        lay
+        for lay, lost in obs.rounded_away.items()
+        if lost >= share
+        and lay in obs.low_precision
+        and not _low(obs, lay, h, t)
+        and len(h.trailing(lambda o, lay=lay: o.rounded_away.get(lay, 0.0) >= share, n)) >= n
+    ]
+    if not layers or converged(h, obs):
+        return None
+    dtypes = sorted({obs.low_precision[lay] for lay in layers})
+    return Finding(
+        "no_update",
+        f"most updates of {{layers}} are lost: at each of the last {n} logged steps (up to step"
+        f" {obs.step}) the step left at least {share:.0%} of the weights their gradient asked to"
+        f" move exactly as they were, and the loss is still at {now:.4g} (it began at"
+        f" {first:.4g}): {_rounding(dtypes)}",
+        KEEP_FLOAT32_WEIGHTS,
+        layers=layers,
+        details={lay: f"{lay} ({obs.rounded_away[lay]:.0%} rounded away)" for lay in layers},
+        evidence={
+            "rounded_away": {lay: obs.rounded_away[lay] for lay in layers},
+            "logged_steps": n,
+            "loss": now,
+            "first_loss": first,
+            "weight_dtypes": {lay: obs.low_precision[lay] for lay in layers},
+        },
+    )
+
+
 def _not_moved(obs: Observation, lay: str, h: History, t: Thresholds) -> bool:
     """Unchanged weights under a gradient that should have moved them: one too small to (below
     ``vanishing_threshold``, or vanishing next to the other layers') is rounded away in any
-    precision, and is ``vanishing``'s to report; a converged run's weights rest on purpose."""
+    precision, and is ``vanishing``'s to report; a converged run's weights rest on purpose, and
+    16-bit weights rest at a loss a hundredth of the first (see ``LOW_PRECISION_CONVERGED``)."""
     grad = obs.layer_norms.get(lay, 0.0)
     return (
         obs.update_ratios.get(lay) == 0.0
@@ -447,11 +514,8 @@ def _not_moved(obs: Observation, lay: str, h: History, t: Thresholds) -> bool:
         and grad > t.vanishing_threshold
         and not _low(obs, lay, h, t)
         and not converged(h, obs)
+        and not (lay in obs.low_precision and converged(h, obs, LOW_PRECISION_CONVERGED))
     )
-
-
-# The relative gap between two neighbouring 16-bit numbers (torch.finfo(dtype).eps).
-_EPS = {"bfloat16": 2.0**-7, "float16": 2.0**-10}
 
 
 def stall(h: History, t: Thresholds) -> Finding | None:
@@ -672,12 +736,12 @@ RULES: list[Callable[[History, Thresholds], Finding | list[Finding] | None]] = [
 KINDS = tuple(rule.__name__ for rule in RULES)
 
 
-def converged(h: History, obs: Observation) -> bool:
+def converged(h: History, obs: Observation, fraction: float = CONVERGED_LOSS_FRACTION) -> bool:
     """Adam on XOR ends at a loss of 1e-13 or exactly 0: gradients that small are the goal."""
     return (
         obs.loss is not None
         and h.first_loss is not None
-        and abs(obs.loss) <= CONVERGED_LOSS_FRACTION * abs(h.first_loss)
+        and abs(obs.loss) <= fraction * abs(h.first_loss)
     )
 
 

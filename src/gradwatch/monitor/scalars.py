@@ -25,6 +25,8 @@ class StepScalars:
     nonfinite: dict[str, float] = field(default_factory=dict)
     update_ratios: dict[str, float] = field(default_factory=dict)
     weight_norms: dict[str, float] = field(default_factory=dict)  # L2, per layer
+    # 16-bit layers: the share of the values the gradient asked to move that stayed put.
+    rounded_away: dict[str, float] = field(default_factory=dict)
 
 
 def family(ord_: float) -> str:
@@ -96,7 +98,22 @@ def step_scalars(
         out.update_ratios = _update_ratios(measured, weights, tags)
         for tag, ratio in out.update_ratios.items():
             metrics[f"update_ratio/{tag}"] = ratio
+        out.rounded_away = _rounded_away(measured, tags)
+        for tag, share in out.rounded_away.items():
+            metrics[f"update_rounded_away/{tag}"] = share
     return out
+
+
+def _rounded_away(measured: list[tuple[int, HostValues]], tags: Tags) -> dict[str, float]:
+    """Per layer tag with 16-bit weights: the share of the values its gradient asked to move
+    that the step left as they were (their update rounded away)."""
+    counts: dict[str, list[float]] = {}
+    for _, values in measured:
+        for name, (lost, asked) in values.rounded_away.items():
+            kept = counts.setdefault(tags.layer_of_param(name), [0.0, 0.0])
+            kept[0] += lost
+            kept[1] += asked
+    return {lay: lost / asked for lay, (lost, asked) in counts.items() if asked > 0}
 
 
 def _update_ratios(

@@ -10,7 +10,7 @@ and dtype are one foreach kernel; sparse gradients are measured by their stored 
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -42,6 +42,9 @@ class Measurement:
     before: list[Tensor] | None  # copies of the weights before the step
     grad_copies: list[Tensor] | None  # copies of the gradients as measured, for histograms
     scale: Tensor | None  # the GradScaler's scale, where the gradients are still scaled
+    # False when the monitor itself kept the optimizer from stepping (``on_spike="skip"``):
+    # the weights then stay put by design, and no update counts as rounded away.
+    stepped: bool = True
 
 
 @dataclass
@@ -53,6 +56,8 @@ class HostValues:
     weight_norms: dict[str, float]
     update_norms: dict[str, float]
     scale: float = 1.0  # the AMP scale the gradient norms were divided by
+    # 16-bit weights: (values whose update was rounded away, values the gradient asked to move)
+    rounded_away: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def measure(
@@ -119,9 +124,43 @@ def device_parts(m: Measurement) -> list[tuple[Tensor, Across]]:
     if m.before is not None and m.weight_norms is not None:
         change = torch._foreach_sub(m.weights, m.before)
         parts.append((concat(foreach_norms(change, 2.0)), norm(2.0)))
+        names = _rounded_away_names(m)
+        if names:
+            parts.append((_rounded_away_counts(m, names), SUM))
     if m.scale is not None:
         parts.append((m.scale, SAME))
     return parts
+
+
+# Weights of these dtypes are 1 part in 128 (bfloat16) or 1024 (float16) apart: a step of less
+# than half that rounds back to the same weight.
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _rounded_away_names(m: Measurement) -> list[str]:
+    """The 16-bit weights with a dense gradient, when the optimizer stepped: those whose updates
+    :func:`_rounded_away_counts` counts."""
+    if not m.stepped or m.before is None:
+        return []
+    low = [(n, w) for n, w in zip(m.weight_names, m.weights, strict=True) if w.dtype in LOW_PRECISION]
+    if not low:  # the common case
+        return []
+    grads = dict(zip(m.grad_names, m.grads, strict=True))
+    return [n for n, w in low if n in grads and grads[n].shape == w.shape]
+
+
+def _rounded_away_counts(m: Measurement, names: list[str]) -> Tensor:
+    """After the step, for each weight of ``names``: how many of its values the step left
+    exactly as they were although the gradient asked them to move (not exactly 0: under Adam a
+    value with a zero gradient moves too, by its moments), and how many it asked to move; the
+    pairs in one tensor."""
+    grads = dict(zip(m.grad_names, m.grads, strict=True))
+    weights = dict(zip(m.weight_names, zip(m.weights, m.before or [], strict=True), strict=True))
+    counts = []
+    for name in names:
+        (w, b), asked = weights[name], grads[name] != 0
+        counts += [(asked & (w == b)).sum(), asked.sum()]
+    return torch.stack(counts).to(exact_dtype(counts[0].device))
 
 
 def read(m: Measurement, host: Iterator[list[float]]) -> HostValues:
@@ -129,7 +168,13 @@ def read(m: Measurement, host: Iterator[list[float]]) -> HostValues:
     norms = {ord_: next(host) for ord_ in m.norms}
     nonfinite = next(host) if m.nonfinite is not None else None
     weight_norms = next(host) if m.weight_norms is not None else []
-    updates = next(host) if m.before is not None and m.weight_norms is not None else []
+    updates, rounded_away = [], {}
+    if m.before is not None and m.weight_norms is not None:
+        updates = next(host)
+        names = _rounded_away_names(m)
+        if names:
+            pairs = next(host)
+            rounded_away = {name: (pairs[2 * i], pairs[2 * i + 1]) for i, name in enumerate(names)}
     scale = next(host)[0] if m.scale is not None else 1.0
     if nonfinite is None:
         # Counted only where the norm says there is something to count (a transfer more, on
@@ -147,6 +192,7 @@ def read(m: Measurement, host: Iterator[list[float]]) -> HostValues:
         weight_norms=dict(zip(m.weight_names, weight_norms, strict=False)),
         update_norms=dict(zip(m.weight_names, updates, strict=False)),
         scale=scale,
+        rounded_away=rounded_away,
     )
 
 

@@ -279,13 +279,27 @@ CASES = [
         "the tutorial in bf16 weights", "no_update", None, lr_too_small, 500, precision="bf16-true"
     ),
     Case("a param group at lr 0", "no_update", "fc1", lr_zero_group),
+    # The slow but healthy Adam below, in bfloat16 weights: its steps of about 1e-4 mostly round
+    # away (0.02 of a weight of 0.5 is below half the gap of 1/256 to its neighbour).
+    Case(
+        "moons, Adam at lr 1e-4 in bf16 weights",
+        "no_update",
+        None,
+        moons_slow_adam,
+        500,
+        precision="bf16-true",
+    ),
     Case("XOR with Adam", None, None, xor_adam, steps=500),
     Case("moons, ReLU MLP", None, None, moons_relu, steps=500),
     Case("moons, ReLU MLP in fp16", None, None, moons_relu, steps=500, fp16=True),
     Case("moons, ReLU MLP in bf16 weights", None, None, moons_relu, 500, precision="bf16-true"),
+    # Converged as far as bfloat16 weights allow (losses of 1e-5 and 1e-3 of the first), where
+    # every step left rounds away: convergence, not lost updates.
+    Case("XOR with Adam in bf16 weights", None, None, xor_adam, 500, precision="bf16-true"),
     Case("moons, Adam at lr 1e-4 (slow)", None, None, moons_slow_adam, steps=500),
     Case("spiral, tanh MLP", None, None, spiral_tanh, steps=500, fast=False),
     Case("CNN on bars", None, None, cnn, steps=500, fast=False),
+    Case("CNN on bars in bf16 weights", None, None, cnn, 500, precision="bf16-true", fast=False),
     Case("transformer on sequences", None, None, transformer, steps=500, fast=False),
     Case("vanishing fixed (ReLU, He init)", None, None, vanishing_fixed, steps=500),
 ]
