@@ -370,8 +370,8 @@ def test_rounded_away_updates_are_no_alert_while_the_loss_comes_down():
 def test_a_flat_loss_with_rounded_away_updates_is_no_update_not_a_stall():
     """A stall whose updates round away: the cause (16-bit weights), not "raise the learning
     rate or use Adam", which in bfloat16 weights moves nothing either."""
-    tol = T.stall_patience
-    steps = [lost(s, {"fc1": 0.95, "fc2": 0.9}, loss=0.25) for s in range(max(tol, 10))]
+    n = max(T.stall_patience, T.rounded_away_patience)  # both hold at the last step
+    steps = [lost(s, {"fc1": 0.95, "fc2": 0.9}, loss=0.25) for s in range(n)]
     assert kinds(steps) == {len(steps) - 1: [("no_update", ["fc1", "fc2"])]}
 
 
