@@ -446,8 +446,9 @@ def test_bf16_weights_rounded_away_share_equals_the_weights_that_stayed(tmp_path
     assert 0 < max(shares) and min(shares) < 1  # some updates lost, some applied
     # float32 weights have no such tag.
     trainer, _ = fit(tmp_path / "f32", GradientMonitor(), max_epochs=2)
-    assert not any(t.startswith("update_rounded_away/") for t in scalars(read_events(
-        trainer.logger.log_dir)))
+    assert not any(
+        t.startswith("update_rounded_away/") for t in scalars(read_events(trainer.logger.log_dir))
+    )
 
 
 def plain_sgd(steps, lr, clip=None, batches=None):

@@ -142,7 +142,9 @@ def _rounded_away_names(m: Measurement) -> list[str]:
     :func:`_rounded_away_counts` counts."""
     if not m.stepped or m.before is None:
         return []
-    low = [(n, w) for n, w in zip(m.weight_names, m.weights, strict=True) if w.dtype in LOW_PRECISION]
+    low = [
+        (n, w) for n, w in zip(m.weight_names, m.weights, strict=True) if w.dtype in LOW_PRECISION
+    ]
     if not low:  # the common case
         return []
     grads = dict(zip(m.grad_names, m.grads, strict=True))
