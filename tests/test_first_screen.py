@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.util import tensor_util
-from test_monitor import fit, plain_sgd_fit, read_events, scalars
+from test_monitor import X_XOR, Y_XOR, fit, plain_sgd_fit, read_events, scalars, xor_loader
 
 from gradwatch.monitor import GradientMonitor
 from gradwatch.monitor.first_screen import LAYOUT, log10_scalars
@@ -63,6 +63,25 @@ def test_every_run_writes_the_layout_and_its_charts_draw_the_runs_tags(tmp_path)
     assert charted(loss, tags) == {"train/loss"}
     assert charted(grad_norms, tags) == {"grad_norm_log10/fc1", "grad_norm_log10/fc2"}
     assert charted(update_ratios, tags) == {"update_ratio_log10/fc1", "update_ratio_log10/fc2"}
+
+
+def test_a_run_with_16_bit_weights_charts_its_rounded_away_updates_too(tmp_path):
+    """bf16-true: a fourth chart, after the other three, drawing every layer's share of updates
+    rounded away; TensorBoard appends it to a float32 run's three when both are open."""
+    trainer, _ = fit(
+        tmp_path,
+        GradientMonitor(),
+        loader=xor_loader(x=X_XOR.bfloat16(), y=Y_XOR.bfloat16()),
+        precision="bf16-true",
+        max_epochs=3,
+    )
+    acc = read_events(trainer.logger.log_dir)
+    [charts] = written_layout(acc).values()
+    assert list(charts)[:3] == list(LAYOUT["gradwatch"])
+    [(title, rounded_away)] = list(charts.items())[3:]
+    assert title == "updates rounded away per layer (16-bit weights)"
+    tags = acc.Tags()["scalars"]
+    assert charted(rounded_away, tags) == {"update_rounded_away/fc1", "update_rounded_away/fc2"}
 
 
 @pytest.mark.parametrize(

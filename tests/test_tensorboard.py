@@ -170,6 +170,44 @@ def test_the_printed_page_tells_the_story_on_its_first_screen(tmp_path, monkeypa
         check_png(shots / png)
 
 
+ROUNDED_AWAY = "updates rounded away per layer (16-bit weights)"
+# The README's bf16 example: Adam at 1e-4 in bfloat16 weights, most of its steps rounded away.
+BF16_RUN = (
+    "data=moons",
+    "model.loss=bce_with_logits",
+    "model.activation=relu",
+    "model.layer_sizes=[2,32,32,1]",
+    "optimizer=adam",
+    "optimizer.lr=1e-4",
+    "trainer.precision=bf16-true",
+    "trainer.max_epochs=300",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_browser_missing() is not None, reason=str(_browser_missing()))
+def test_a_bf16_run_shows_its_rounded_away_updates_on_the_first_screen(tmp_path, monkeypatch):
+    """A run in bfloat16 weights: a fourth chart on the first screen, after the other three, with
+    each layer's share of updates rounded away, most of them here."""
+    shots = Path(os.environ.get("GRADWATCH_SCREENSHOTS", tmp_path)).absolute()
+    monkeypatch.chdir(tmp_path)
+    outputs = Path("outputs")
+    train(outputs, *BF16_RUN)
+    server = TensorBoard(outputs, tmp_path / "tensorboard.log")
+    try:
+        [run] = _run_names(outputs)
+        server.wait_for_tags(run, {"update_rounded_away/fc1"})
+        charts = first_screen(server.page(), shots / "tensorboard_bf16.png", {ROUNDED_AWAY: 3})
+    except (RuntimeError, TimeoutError) as error:
+        pytest.fail(f"{error}\n{server.output()}")
+    finally:
+        server.stop()
+    assert [c.title for c in charts] == [LOSS, GRAD_NORMS, UPDATE_RATIOS, ROUNDED_AWAY]
+    rounded_away = charts[3]
+    assert rounded_away.lines_drawn == 3 and rounded_away.in_view(1280, 800), rounded_away
+    check_png(shots / "tensorboard_bf16.png")
+
+
 def _run_names(outputs: Path) -> list[str]:
     """TensorBoard's run names: each run directory relative to the served folder."""
     return [str(p.parent.relative_to(outputs)) for p in outputs.glob("*/*/events.out.tfevents.*")]

@@ -318,8 +318,6 @@ class GradientMonitor(Callback):
                 category=GradientAlert,
             )
             self._hist_every = 0
-        if self._tb is not None and trainer.is_global_zero:
-            first_screen.write_layout(self._tb)
         self._names = parameter_names(pl_module)
         self._sharded = sharded.check_layout(pl_module, trainer.world_size)
         if self._sharded and self.every_step and self.on_spike == "skip":
@@ -339,6 +337,9 @@ class GradientMonitor(Callback):
             for p in pl_module.parameters()
             if p.dtype in (torch.bfloat16, torch.float16) and id(p) in self._names
         }
+        if self._tb is not None and trainer.is_global_zero:
+            rounded_away = bool(self._low_precision) and self.log_update_ratio
+            first_screen.write_layout(self._tb, rounded_away)
         # Hooks added and removed around a compiled module's forward would recompile it at every
         # logging step: under torch.compile the hook-based statistics are off.
         self._hooks_allowed = not any(

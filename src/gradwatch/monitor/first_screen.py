@@ -11,6 +11,9 @@ writes the same layout (TensorBoard merges the runs' layouts, dropping duplicate
 2. every layer's gradient norm on one chart, as log10: a chart's axis cannot be made logarithmic
    by default, so TensorBoard gets `grad_norm_log10/<layer>` next to `grad_norm/<layer>`;
 3. every layer's update ratio (the step's change over the weights' norm), as log10 too.
+4. in a run with 16-bit weights (``bf16-true``, ``16-true``) only, every layer's share of updates
+   rounded away (``update_rounded_away/<layer>``): there an update ratio that looks healthy can
+   come from the few values that still move. TensorBoard appends it to the other runs' charts.
 
 A layer whose norm or ratio is exactly 0 (or not finite) has no point on a log10 chart: its
 `grad_norm/<layer>` carries the value. The log10 copies go to TensorBoard only; other loggers
@@ -44,9 +47,21 @@ LAYOUT = {
 }
 
 
-def write_layout(logger: TensorBoardLogger) -> None:
+ROUNDED_AWAY_CHART = {
+    "updates rounded away per layer (16-bit weights)": ["Multiline", [r"update_rounded_away/"]]
+}
+
+
+def layout(rounded_away: bool) -> dict[str, dict[str, list]]:
+    """The layout: ``LAYOUT``, and the chart of rounded-away updates where the run writes them."""
+    if not rounded_away:
+        return LAYOUT
+    return {"gradwatch": {**LAYOUT["gradwatch"], **ROUNDED_AWAY_CHART}}
+
+
+def write_layout(logger: TensorBoardLogger, rounded_away: bool = False) -> None:
     """The layout into the run's event file, once per fit (a resumed run writes the same one)."""
-    logger.experiment.add_custom_scalars(LAYOUT)
+    logger.experiment.add_custom_scalars(layout(rounded_away))
 
 
 def log10_scalars(
