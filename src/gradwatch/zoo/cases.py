@@ -280,7 +280,7 @@ CASES = [
     ),
     Case("a param group at lr 0", "no_update", "fc1", lr_zero_group),
     # The slow but healthy Adam below, in bfloat16 weights: its steps of about 1e-4 mostly round
-    # away (0.02 of a weight of 0.5 is below half the gap of 1/256 to its neighbour).
+    # away (bfloat16 numbers near 0.5 are 1/256 apart; a step under half that changes nothing).
     Case(
         "moons, Adam at lr 1e-4 in bf16 weights",
         "no_update",
@@ -293,8 +293,8 @@ CASES = [
     Case("moons, ReLU MLP", None, None, moons_relu, steps=500),
     Case("moons, ReLU MLP in fp16", None, None, moons_relu, steps=500, fp16=True),
     Case("moons, ReLU MLP in bf16 weights", None, None, moons_relu, 500, precision="bf16-true"),
-    # Converged as far as bfloat16 weights allow (losses of 1e-5 and 1e-3 of the first), where
-    # every step left rounds away: convergence, not lost updates.
+    # Converged as far as bfloat16 weights allow (XOR's loss ends at 1e-5 of its first, the CNN's
+    # below at 1e-3), where every step left rounds away: convergence, not lost updates.
     Case("XOR with Adam in bf16 weights", None, None, xor_adam, 500, precision="bf16-true"),
     Case("moons, Adam at lr 1e-4 (slow)", None, None, moons_slow_adam, steps=500),
     Case("spiral, tanh MLP", None, None, spiral_tanh, steps=500, fast=False),
