@@ -451,6 +451,35 @@ def test_bf16_weights_rounded_away_share_equals_the_weights_that_stayed(tmp_path
     )
 
 
+@pytest.mark.parametrize(("eps", "nan"), [(1e-8, True), (1e-4, False)])
+def test_float16_weights_nan_from_adams_eps_is_named(tmp_path, eps, nan):
+    """16-true with Adam: at eps 1e-8 (0 in float16) the dead unit's values, whose gradient is
+    exactly 0, step by 0/0 at the first step, and the nonfinite alert says why; at eps 1e-4 the
+    same run stays finite."""
+    monitor = GradientMonitor()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer, module = fit(
+            tmp_path,
+            monitor,
+            module=lambda: Module(
+                net=DeadUnitNet(), optimizer=lambda p: torch.optim.Adam(p, lr=1e-3, eps=eps)
+            ),
+            loader=xor_loader(x=X_XOR.half(), y=Y_XOR.half()),
+            precision="16-true",
+            max_epochs=3,
+        )
+    weights = torch.cat([p.detach().flatten() for p in module.parameters()])
+    assert bool(weights.isnan().any()) is nan  # plain PyTorch's account of the run
+    kinds = [a["kind"] for a in monitor.summary()["alerts"]]
+    if not nan:
+        assert "nonfinite" not in kinds
+        return
+    [alert] = [a for a in monitor.summary()["alerts"] if a["kind"] == "nonfinite"]
+    assert "eps of 1e-08 is 0" in alert["message"] and "16-mixed" in alert["fix"]
+    assert set(alert["evidence"]["zero_eps"]) <= {"fc1", "fc2"}
+
+
 def plain_sgd(steps, lr, clip=None, batches=None):
     """The tutorial's loop in plain PyTorch: the gradient before clipping at every step."""
     torch.manual_seed(0)

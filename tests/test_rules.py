@@ -296,6 +296,23 @@ def test_no_update_sees_weights_that_do_not_move_under_a_real_gradient():
     assert rules.no_update(history(done, first_loss=0.25), T) is None
 
 
+def test_nonfinite_in_float16_weights_under_an_eps_float16_rounds_to_0_names_it():
+    """float16 weights with Adam at eps 1e-8: its moments are float16 too, the eps is 0 there,
+    and a value whose gradient and moments are 0 steps by 0/0: the cause, and its fix."""
+    bad = {"fc1": 4.0, "fc2": 0.0}
+    finding = rules.nonfinite(history([obs(9, nonfinite=bad, zero_eps={"fc1": 1e-8})]), T)
+    assert finding.layers == ["fc1"]
+    assert "fc1 are float16" in finding.message and "eps of 1e-08 is 0" in finding.message
+    assert "16-mixed" in finding.fix and "eps=1e-4" in finding.fix
+    assert finding.evidence["zero_eps"] == {"fc1": 1e-8}
+    # Another layer's eps says nothing of fc1's NaN; without one, the usual search for the NaN.
+    other = rules.nonfinite(history([obs(9, nonfinite=bad, zero_eps={"fc2": 1e-8})]), T)
+    plain = rules.nonfinite(history([obs(9, nonfinite=bad)]), T)
+    for finding in (other, plain):
+        assert "float16" not in finding.message and "set_detect_anomaly" in finding.fix
+        assert "zero_eps" not in finding.evidence
+
+
 def test_16_bit_weights_rest_once_the_loss_is_a_hundredth_of_the_first():
     """bfloat16 weights cannot follow a loss as far down as float32 ones: at 1e-3 of the first
     loss their steps round away, and that is convergence, not a lost update; float32 weights

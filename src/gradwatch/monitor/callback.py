@@ -370,6 +370,7 @@ class GradientMonitor(Callback):
             on_nonfinite=self.on_nonfinite,
             on_spike=self.on_spike,
             low_precision=self._low_precision,
+            zero_eps=self._eps_lost_in_float16(trainer),
         )
         stepped = {id(p) for opt in trainer.optimizers for p in optimizer_params(opt)}
         self._unoptimized = [
@@ -465,6 +466,21 @@ class GradientMonitor(Callback):
             taken.carried.append(self._fresh.carried_and_fresh(params))
         if self._skip_if_spike(recorded, params):
             taken.measurements[-1].stepped = False
+
+    def _eps_lost_in_float16(self, trainer: "pl.Trainer") -> dict[str, float]:
+        """The float16 layers whose optimizer divides by ``sqrt(v) + eps`` (Adam and its kin)
+        with an eps that float16 rounds to 0, with that eps: their moments are float16 like the
+        weights, and a value whose gradient and moments are 0 steps by 0/0 = NaN."""
+        out = {}
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                eps = group.get("eps")
+                if not isinstance(eps, float) or torch.tensor(eps, dtype=torch.float16) != 0:
+                    continue
+                for p in group["params"]:
+                    if p.dtype == torch.float16 and id(p) in self._names:
+                        out[self._tags.layer_of_param(self._names[id(p)])] = eps
+        return out
 
     def _writes_at(self, trainer: "pl.Trainer", step: int) -> tuple[bool, bool]:
         """Whether ``step`` writes scalars, and whether it writes histograms."""

@@ -37,6 +37,8 @@ class Observation:
             (``"bfloat16"``, ``"float16"``): a step below their resolution is rounded away.
         rounded_away: per 16-bit layer, the share of the values its gradient asked to move
             (not exactly 0) that the step left exactly as they were.
+        zero_eps: the float16 layers whose optimizer divides by ``sqrt(v) + eps`` (Adam and its
+            kin) with an eps that float16 rounds to 0, with that eps.
     """
 
     step: int
@@ -55,6 +57,7 @@ class Observation:
     carried_gradient: float | None = None
     low_precision: dict[str, str] = field(default_factory=dict)
     rounded_away: dict[str, float] = field(default_factory=dict)
+    zero_eps: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -68,6 +68,7 @@ class StepFinisher:
     on_nonfinite: str
     on_spike: str
     low_precision: dict[str, str]  # 16-bit layers' dtypes
+    zero_eps: dict[str, float]  # float16 layers whose optimizer's eps float16 rounds to 0
 
     def finish(
         self,
@@ -182,6 +183,7 @@ class StepFinisher:
                     carried_gradient=carried_share,
                     low_precision=self.low_precision,
                     rounded_away=scalars.rounded_away,
+                    zero_eps=self.zero_eps,
                 )
             )
             if self.on_nonfinite == "stop" and self.health.nonfinite_now():

@@ -169,18 +169,35 @@ def nonfinite(h: History, t: Thresholds) -> Finding | None:
     since = f", first seen at step {obs.first_bad_step}" if obs.first_bad_step is not None else ""
     stop = "; stopping training (on_nonfinite='stop')" if t.on_nonfinite == "stop" else ""
     loss = "" if _finite(obs.loss) or obs.loss is None else f" (the loss is {obs.loss})"
-    return Finding(
-        "nonfinite",
-        f"non-finite gradients at step {obs.step}{since} in layers: {where}{loss}{stop}",
+    cause = ""
+    fix = (
         "find the first NaN: a log or division of 0 in the loss (clamp, or use the log-space"
         " loss such as BCEWithLogits), NaN or Inf in the inputs (check the data), or a"
         " learning rate so large the weights overflow; torch.autograd.set_detect_anomaly(True)"
-        " names the operation",
+        " names the operation"
+    )
+    zero_eps = {lay: obs.zero_eps[lay] for lay in bad if lay in obs.zero_eps}
+    if zero_eps:
+        eps = min(zero_eps.values())
+        cause = (
+            f": the weights of {', '.join(zero_eps)} are float16, and so are the optimizer's"
+            f" moments, where its eps of {eps:g} is 0: a value whose gradient and moments are 0"
+            " steps by 0/0"
+        )
+        fix = (
+            "keep the weights in float32 (trainer.precision=16-mixed) or use bfloat16"
+            " (bf16-true), or give the optimizer an eps float16 holds (eps=1e-4)"
+        )
+    return Finding(
+        "nonfinite",
+        f"non-finite gradients at step {obs.step}{since} in layers: {where}{loss}{cause}{stop}",
+        fix,
         layers=list(bad),
         evidence={
             "nonfinite_values": bad,
             "loss": _plain(obs.loss),
             "first_bad_step": obs.first_bad_step,
+            **({"zero_eps": zero_eps} if zero_eps else {}),
         },
     )
 

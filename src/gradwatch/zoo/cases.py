@@ -279,6 +279,8 @@ CASES = [
         "the tutorial in bf16 weights", "no_update", None, lr_too_small, 500, precision="bf16-true"
     ),
     Case("a param group at lr 0", "no_update", "fc1", lr_zero_group),
+    # The healthy ReLU MLP below in float16 weights: Adam's eps of 1e-8 is 0 in float16.
+    Case("moons, ReLU MLP in fp16 weights", "nonfinite", None, moons_relu, precision="16-true"),
     # The slow but healthy Adam below, in bfloat16 weights: its steps of about 1e-4 mostly round
     # away (bfloat16 numbers near 0.5 are 1/256 apart; a step under half that changes nothing).
     Case(
