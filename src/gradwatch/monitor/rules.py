@@ -158,7 +158,8 @@ class Finding:
 def nonfinite(h: History, t: Thresholds) -> Finding | None:
     """NaN or Inf gradients, naming the layers. Under a GradScaler they are not applied: the
     scaler skips the step (a few times while it finds its scale); ``skipped_steps`` reports it
-    when it keeps skipping."""
+    when it keeps skipping. In float16 layers whose optimizer's eps float16 rounds to 0
+    (``zero_eps``), that is named as the cause."""
     obs = h.last
     bad = {lay: int(c) for lay, c in obs.nonfinite.items() if c > 0}
     if obs.overflow_expected:
