@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -121,21 +122,40 @@ LOSS, GRAD_NORMS, UPDATE_RATIOS = (
 )
 
 
+@pytest.fixture
+def screen(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """Where the page's runs go (`outputs`, as the page shows it after `make tensorboard`) and
+    its screenshots (GRADWATCH_SCREENSHOTS=<dir> keeps them: the README's images)."""
+    shots = Path(os.environ.get("GRADWATCH_SCREENSHOTS", tmp_path)).absolute()
+    monkeypatch.chdir(tmp_path)
+    return Path("outputs"), shots
+
+
+@contextmanager
+def serving(outputs: Path) -> Iterator[TensorBoard]:
+    """TensorBoard over ``outputs``, as `make tensorboard` serves it; a failure to serve or to
+    draw fails the test with the server's output; always stopped."""
+    server = TensorBoard(outputs, Path("tensorboard.log").absolute())
+    try:
+        yield server
+    except (RuntimeError, TimeoutError) as error:
+        pytest.fail(f"{error}\n{server.output()}")
+    finally:
+        server.stop()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(_browser_missing() is not None, reason=str(_browser_missing()))
-def test_the_printed_page_tells_the_story_on_its_first_screen(tmp_path, monkeypatch):
+def test_the_printed_page_tells_the_story_on_its_first_screen(screen):
     """Three real runs, served as `make tensorboard` serves them; the page it prints, opened
     at 1280x800 without a click: the loss and the per-layer gradient norms are in view, SGD's
     and Adam's lines drawn under names that tell them apart, the vanishing run's eleven layers
-    on one chart. GRADWATCH_SCREENSHOTS=<dir> keeps the screenshots (the README's images)."""
-    shots = Path(os.environ.get("GRADWATCH_SCREENSHOTS", tmp_path)).absolute()
-    monkeypatch.chdir(tmp_path)  # `outputs`, as the page shows it after `make tensorboard`
-    outputs = Path("outputs")
+    on one chart."""
+    outputs, shots = screen
     train(outputs)
     train(outputs, "optimizer=adam", "optimizer.lr=0.05")
     train(outputs, "experiment=vanishing")
-    server = TensorBoard(outputs, tmp_path / "tensorboard.log")
-    try:
+    with serving(outputs) as server:
         runs = {server.wait_for_tags(run, {"grad_norm/total"}) for run in _run_names(outputs)}
         assert len(runs) == 3
         page = server.page()
@@ -146,10 +166,6 @@ def test_the_printed_page_tells_the_story_on_its_first_screen(tmp_path, monkeypa
         vanishing = first_screen(
             page, shots / "tensorboard_vanishing.png", {GRAD_NORMS: 11}, runs="vanishing"
         )
-    except (RuntimeError, TimeoutError) as error:
-        pytest.fail(f"{error}\n{server.output()}")
-    finally:
-        server.stop()
 
     by_title = {c.title: c for c in charts}
     assert [c.title for c in charts] == [LOSS, GRAD_NORMS, UPDATE_RATIOS]
@@ -186,22 +202,15 @@ BF16_RUN = (
 
 @pytest.mark.slow
 @pytest.mark.skipif(_browser_missing() is not None, reason=str(_browser_missing()))
-def test_a_bf16_run_shows_its_rounded_away_updates_on_the_first_screen(tmp_path, monkeypatch):
+def test_a_bf16_run_shows_its_rounded_away_updates_on_the_first_screen(screen):
     """A run in bfloat16 weights: a fourth chart on the first screen, after the other three, with
     each layer's share of updates rounded away, most of them here."""
-    shots = Path(os.environ.get("GRADWATCH_SCREENSHOTS", tmp_path)).absolute()
-    monkeypatch.chdir(tmp_path)
-    outputs = Path("outputs")
+    outputs, shots = screen
     train(outputs, *BF16_RUN)
-    server = TensorBoard(outputs, tmp_path / "tensorboard.log")
-    try:
+    with serving(outputs) as server:
         [run] = _run_names(outputs)
         server.wait_for_tags(run, {"update_rounded_away/fc1"})
         charts = first_screen(server.page(), shots / "tensorboard_bf16.png", {ROUNDED_AWAY: 3})
-    except (RuntimeError, TimeoutError) as error:
-        pytest.fail(f"{error}\n{server.output()}")
-    finally:
-        server.stop()
     assert [c.title for c in charts] == [LOSS, GRAD_NORMS, UPDATE_RATIOS, ROUNDED_AWAY]
     rounded_away = charts[3]
     assert rounded_away.lines_drawn == 3 and rounded_away.in_view(1280, 800), rounded_away

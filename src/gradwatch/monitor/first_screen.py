@@ -59,7 +59,7 @@ def layout(rounded_away: bool) -> dict[str, dict[str, list]]:
     return {"gradwatch": {**LAYOUT["gradwatch"], **ROUNDED_AWAY_CHART}}
 
 
-def write_layout(logger: TensorBoardLogger, rounded_away: bool = False) -> None:
+def write_layout(logger: TensorBoardLogger, rounded_away: bool) -> None:
     """The layout into the run's event file, once per fit (a resumed run writes the same one)."""
     logger.experiment.add_custom_scalars(layout(rounded_away))
 

@@ -124,9 +124,9 @@ def device_parts(m: Measurement) -> list[tuple[Tensor, Across]]:
     if m.before is not None and m.weight_norms is not None:
         change = torch._foreach_sub(m.weights, m.before)
         parts.append((concat(foreach_norms(change, 2.0)), norm(2.0)))
-        names = _rounded_away_names(m)
-        if names:
-            parts.append((_rounded_away_counts(m, names), SUM))
+        weights = _rounded_away_weights(m)
+        if weights:
+            parts.append((_rounded_away_counts(weights), SUM))
     if m.scale is not None:
         parts.append((m.scale, SAME))
     return parts
@@ -137,31 +137,32 @@ def device_parts(m: Measurement) -> list[tuple[Tensor, Across]]:
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def _rounded_away_names(m: Measurement) -> list[str]:
-    """The 16-bit weights with a dense gradient, when the optimizer stepped: those whose updates
-    :func:`_rounded_away_counts` counts."""
+def _rounded_away_weights(m: Measurement) -> list[tuple[str, Tensor, Tensor, Tensor]]:
+    """(name, weight, its copy before the step, gradient) of each 16-bit weight with a dense
+    gradient, when the optimizer stepped: those whose updates :func:`_rounded_away_counts`
+    counts, in the order :func:`read` takes them back."""
     if not m.stepped or m.before is None:
         return []
     low = [
-        (n, w) for n, w in zip(m.weight_names, m.weights, strict=True) if w.dtype in LOW_PRECISION
+        (n, w, b)
+        for n, w, b in zip(m.weight_names, m.weights, m.before, strict=True)
+        if w.dtype in LOW_PRECISION
     ]
     if not low:  # the common case
         return []
     grads = dict(zip(m.grad_names, m.grads, strict=True))
-    return [n for n, w in low if n in grads and grads[n].shape == w.shape]
+    return [(n, w, b, grads[n]) for n, w, b in low if n in grads and grads[n].shape == w.shape]
 
 
-def _rounded_away_counts(m: Measurement, names: list[str]) -> Tensor:
-    """After the step, for each weight of ``names``: how many of its values the step left
-    exactly as they were although the gradient asked them to move (not exactly 0: under Adam a
-    value with a zero gradient moves too, by its moments), and how many it asked to move; the
-    pairs in one tensor."""
-    grads = dict(zip(m.grad_names, m.grads, strict=True))
-    weights = dict(zip(m.weight_names, zip(m.weights, m.before or [], strict=True), strict=True))
+def _rounded_away_counts(weights: list[tuple[str, Tensor, Tensor, Tensor]]) -> Tensor:
+    """After the step, for each weight: how many of its values the step left exactly as they
+    were although the gradient asked them to move (not exactly 0: under Adam a value with a
+    zero gradient moves too, by its moments), and how many it asked to move; the pairs in one
+    tensor."""
     counts = []
-    for name in names:
-        (w, b), asked = weights[name], grads[name] != 0
-        counts += [(asked & (w == b)).sum(), asked.sum()]
+    for _, w, before, grad in weights:
+        asked = grad != 0
+        counts += [(asked & (w == before)).sum(), asked.sum()]
     return torch.stack(counts).to(exact_dtype(counts[0].device))
 
 
@@ -173,7 +174,7 @@ def read(m: Measurement, host: Iterator[list[float]]) -> HostValues:
     updates, rounded_away = [], {}
     if m.before is not None and m.weight_norms is not None:
         updates = next(host)
-        names = _rounded_away_names(m)
+        names = [name for name, *_ in _rounded_away_weights(m)]
         if names:
             pairs = next(host)
             rounded_away = {name: (pairs[2 * i], pairs[2 * i + 1]) for i, name in enumerate(names)}
